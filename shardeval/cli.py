@@ -1,0 +1,252 @@
+"""The ``shardeval`` command line.
+
+Exit codes (the contract scripts rely on): 0 the run is complete (item errors are counted,
+not fatal); 2 invalid spec, dataset or options; 1 the run could not finish (what finished is
+kept); 130 interrupted after saving what finished.
+
+Everything that can be checked without Prefect is checked before Prefect is imported, so a
+typo costs a second, not Prefect's start-up; a run whose results are all stored and current
+is answered from storage without starting Prefect at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.logging import RichHandler
+
+from shardeval import interrupt
+from shardeval.display import err_console, live_progress, out_console, print_summary, spinner
+from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError
+from shardeval.overrides import resolve_spec
+from shardeval.progress import progress_for
+
+app = typer.Typer(
+    name="shardeval",
+    help="Resumable, content-addressed LLM evaluations on Prefect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SpecArg = Annotated[
+    str, typer.Argument(help="Eval spec YAML (path or fsspec URL).", show_default=False)
+]
+OutputOpt = Annotated[
+    str | None, typer.Option("--output", "-o", help="Where runs are stored (any fsspec URL).")
+]
+
+
+@app.command()
+def run(
+    spec: SpecArg,
+    output: OutputOpt = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Run to write (default: derived from the spec).")
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Start a new run; leave the old one untouched.")
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Send again the rows whose status is error.")
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate only the first N items.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Items per batch task.")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Requests in flight at once.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for another process holding the run.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """Run an eval (or resume it: the same command continues where it stopped)."""
+    started = time.monotonic()
+    _configure_logging(verbose)
+    from shardeval.session import choose_run_id, validate_cached
+    from shardeval.storage import RunStore
+
+    eval_spec = resolve_spec(_spec_source(spec), batch_size=batch_size, concurrency=concurrency)
+    validated = validate_cached(eval_spec, limit=limit)
+    chosen = choose_run_id(eval_spec, run_id, fresh=fresh)
+    store = RunStore(output or eval_spec.output, chosen)
+    if not retry_failed and _answer_from_storage(store, validated, started):
+        return
+    show = not quiet and sys.stderr.isatty()
+    progress = progress_for(chosen)
+    with spinner("Loading Prefect...", enabled=show):
+        from flows.evaluate import evaluate
+    _start_prefect(show)
+    _install_signal_handlers(eval_spec.grace_period_s)
+    with live_progress(progress, enabled=not quiet):
+        summary = evaluate(
+            spec=eval_spec.source or eval_spec.model_dump(),
+            output=store.output,
+            run_id=chosen,
+            retry_failed=retry_failed,
+            limit=limit,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            wait=wait,
+        )
+    print_summary(
+        summary,
+        wall_s=time.monotonic() - started,
+        sent=progress.sent,
+        from_cache=progress.from_cache,
+        results_dir=store.url(),
+    )
+
+
+@app.command()
+def validate(
+    spec: SpecArg,
+    limit: Annotated[int | None, typer.Option(min=1, help="Check only the first N items.")] = None,
+) -> None:
+    """Check a spec and its dataset (prompts, metrics, provider) without calling the model."""
+    from shardeval.hashing import default_run_id
+    from shardeval.session import validate as validate_spec
+
+    eval_spec = resolve_spec(_spec_source(spec))
+    checked = validate_spec(eval_spec, limit=limit)
+    plan = checked.plan
+    out_console.print(f"[green]ok[/]: {spec}")
+    out_console.print(f"  dataset: {checked.dataset.url} ({len(checked.dataset):,} items)")
+    out_console.print(
+        f"  requests: {plan.n_rows:,} ({eval_spec.trials} trial(s)) in {len(plan.batches):,} "
+        f"batches of {eval_spec.batch_size}"
+    )
+    out_console.print(f"  metrics: {', '.join(m.name for m in checked.metrics) or 'none'}")
+    out_console.print(f"  run id: {default_run_id(eval_spec)}")
+
+
+@app.command("test-server")
+def test_server(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8000,
+    latency: Annotated[float, typer.Option(help="Seconds per request.")] = 0.05,
+    mode: Annotated[str, typer.Option(help="arith | echo | random")] = "arith",
+) -> None:
+    """Serve the bundled OpenAI-compatible test model on 127.0.0.1 (for trying things out)."""
+    from shardeval.testing.server import main as server_main
+
+    server_main(["--port", str(port), "--latency", str(latency), "--mode", mode])
+
+
+def _spec_source(spec: str) -> str:
+    return spec if "://" in spec else str(Path(spec).expanduser().resolve())
+
+
+def _answer_from_storage(store: Any, validated: Any, started: float) -> bool:
+    """If metrics.json is current for this plan and these metrics, report it and stop."""
+    from shardeval.finalize import metrics_fingerprint
+
+    summary = store.read_json(store.metrics_path)
+    if not isinstance(summary, dict):
+        return False
+    current = summary.get("plan_fingerprint") == validated.plan.fingerprint() and summary.get(
+        "metrics_fingerprint"
+    ) == metrics_fingerprint(validated.metrics)
+    if not current or not store.exists(store.results_path):
+        return False
+    err_console.print(f"[dim]run {store.run_id} is complete and current: answered from storage[/]")
+    print_summary(
+        summary,
+        wall_s=time.monotonic() - started,
+        sent=0,
+        from_cache=summary["n_rows"],
+        results_dir=store.url(),
+    )
+    return True
+
+
+def _start_prefect(show: bool) -> None:
+    """Start Prefect's API client (and its temporary server, without PREFECT_API_URL)."""
+    from prefect.client.orchestration import get_client
+
+    if os.environ.get("PREFECT_API_URL"):
+        message = f"Connecting to Prefect at {os.environ['PREFECT_API_URL']}..."
+    else:
+        message = (
+            "Starting Prefect's temporary API server (10-20 s; "
+            "`prefect server start --background` skips this)..."
+        )
+    with spinner(message, enabled=show), get_client(sync_client=True) as client:
+        client.api_healthcheck()
+
+
+def _install_signal_handlers(grace_period_s: float) -> None:
+    """Make Ctrl-C/SIGTERM stop gracefully.
+
+    The first signal stops sending, lets requests in flight finish, saves and exits 130;
+    a second one exits at once (every file is written atomically, so nothing is corrupted).
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        if interrupt.stop_requested():
+            err_console.print("[red]stopping now[/]")
+            os._exit(EXIT_INTERRUPTED)
+        err_console.print(
+            f"[yellow]stopping: no new requests; {grace_period_s:g}s for those in flight, "
+            "then saving (press Ctrl-C again to stop at once)[/]"
+        )
+        interrupt.request_stop(grace_period_s)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _configure_logging(verbose: bool) -> None:
+    # Prefect's INFO lines would tear through the progress bar; they still reach the API/UI.
+    # A user error is printed once, cleanly, by main(); Prefect would add a traceback.
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    # This tool never needs to phone home, and many eval machines have no route out.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A loaded 2-core machine can take longer than Prefect's default 20 s to start its server.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    handler = RichHandler(console=err_console, show_path=False, show_time=False)
+    logger = logging.getLogger("shardeval")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def main() -> None:
+    """Entry point: user errors print a clean message and exit 2/1, Ctrl-C exits 130."""
+    try:
+        app(standalone_mode=False)
+    except ShardevalError as exc:
+        err_console.print(f"[bold red]error[/]: {_escape(str(exc))}")
+        if isinstance(exc, RunInterrupted):
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""After the batches: join, score and publish ``results.parquet`` and ``metrics.json``.
+
+Scores are computed here, from the stored responses and the dataset as it is now, so that a
+change of metrics, or of a target field the prompt does not use, never calls the model again.
+``metrics.json`` is written last: its presence means the run is complete. Its content depends
+only on the data (timestamps aside): two runs over the same stored results give the same file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shardeval import __version__
+from shardeval.hashing import digest
+from shardeval.metrics import Metric, score_row, summarize
+from shardeval.planning import RunPlan
+from shardeval.results import RESULT_BASE_FIELDS, conform, results_schema
+from shardeval.storage import RunStore
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """What finalizing produced."""
+
+    metrics_json: dict[str, Any]
+    results_uri: str
+    metrics_uri: str
+
+
+def metrics_fingerprint(metrics: list[Metric]) -> str:
+    """One digest of every metric's fingerprint (to tell whether scores are current)."""
+    return digest([m.fingerprint() for m in metrics])
+
+
+def finalize(
+    store: RunStore,
+    plan: RunPlan,
+    metrics: list[Metric],
+    *,
+    started_at: datetime,
+    finished_at: datetime,
+) -> Finalized:
+    """Write results.parquet (dataset order) and then metrics.json."""
+    chunks: list[pa.Table] = []
+    score_errors: Counter[str] = Counter()
+    for batch in plan.batches:
+        stored = store.read_table(store.batch_path(batch.key))
+        if stored is None:
+            raise FileNotFoundError(f"committed batch {batch.key} vanished before finalizing")
+        rows = plan.rows.slice(batch.start, batch.stop - batch.start)
+        chunks.append(_score_chunk(plan, rows, conform(stored), metrics, score_errors))
+    score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})
+    schema = results_schema(score_columns)
+    with store.open_table_writer(store.results_path, schema) as writer:
+        for chunk in chunks:
+            writer.write_table(_conform_result(chunk, schema))
+    table = (
+        pa.concat_tables([_conform_result(c, schema) for c in chunks])
+        if chunks
+        else schema.empty_table()
+    )
+    summary = _summary(
+        store, plan, metrics, table, score_columns, score_errors, started_at, finished_at
+    )
+    store.write_json(store.metrics_path, summary)
+    return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))
+
+
+def _score_chunk(
+    plan: RunPlan,
+    rows: pa.Table,
+    stored: pa.Table,
+    metrics: list[Metric],
+    score_errors: Counter[str],
+) -> pa.Table:
+    indices = pc.index_in(rows.column("item_key"), value_set=stored.column("item_key"))
+    if indices.null_count:
+        raise ValueError("a committed batch lacks some of its rows")  # its key says otherwise
+    generation = stored.take(indices)
+    columns: dict[str, Any] = {
+        "item_id": rows.column("item_id"),
+        "item_index": rows.column("item_index"),
+        "trial": rows.column("trial"),
+    }
+    for field in RESULT_BASE_FIELDS:
+        if field.name not in columns:
+            columns[field.name] = generation.column(field.name)
+    scores: dict[str, list[float | None]] = {}
+    if metrics:
+        item_indices = rows.column("item_index").to_pylist()
+        first = item_indices[0]
+        items = plan.dataset.items(first, item_indices[-1] + 1)
+        statuses = generation.column("status").to_pylist()
+        responses = generation.column("response").to_pylist()
+        n = len(item_indices)
+        for position, (index, status, response) in enumerate(
+            zip(item_indices, statuses, responses, strict=True)
+        ):
+            if status != "ok":
+                continue
+            values, errors = score_row(metrics, response or "", items[index - first])
+            for name, _message in errors:
+                score_errors[name] += 1
+            for column, value in values.items():
+                scores.setdefault(column, [None] * n)[position] = value
+        for metric in metrics:
+            scores.setdefault(metric.column, [None] * n)
+    for column, values in scores.items():
+        columns[column] = pa.array(values, pa.float64())
+    return pa.table(columns)
+
+
+def _conform_result(chunk: pa.Table, schema: pa.Schema) -> pa.Table:
+    arrays = [
+        chunk.column(f.name).cast(f.type)
+        if f.name in chunk.column_names
+        else pa.nulls(chunk.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _int_sum(table: pa.Table, column: str) -> int:
+    return int(pc.sum(table.column(column)).as_py() or 0)
+
+
+def _summary(
+    store: RunStore,
+    plan: RunPlan,
+    metrics: list[Metric],
+    table: pa.Table,
+    score_columns: list[str],
+    score_errors: Counter[str],
+    started_at: datetime,
+    finished_at: datetime,
+) -> dict[str, Any]:
+    status = table.column("status")
+    ok_mask = pc.equal(status, "ok")
+    n_ok = int(pc.sum(ok_mask).as_py() or 0)
+    kinds = pc.value_counts(pc.filter(table.column("error_kind"), pc.equal(status, "error")))
+    errors_by_kind = {str(k["values"]): int(k["counts"]) for k in kinds.to_pylist()}
+    ok_rows = table.filter(ok_mask)
+    metric_stats = {
+        column[len("score_") :]: summarize(ok_rows.column(column).to_pylist())
+        for column in score_columns
+    }
+    spec = plan.spec
+    return {
+        "run_id": store.run_id,
+        "name": spec.name,
+        "complete": True,
+        "n_items": len(plan.dataset),
+        "n_rows": table.num_rows,
+        "n_ok": n_ok,
+        "n_error": table.num_rows - n_ok,
+        "trials": spec.trials,
+        "metrics": metric_stats,
+        "scoring_errors": dict(sorted(score_errors.items())),
+        "errors_by_kind": dict(sorted(errors_by_kind.items())),
+        "usage": {
+            "prompt_tokens": _int_sum(table, "prompt_tokens"),
+            "completion_tokens": _int_sum(table, "completion_tokens"),
+        },
+        "model": {
+            "provider": spec.model.provider,
+            "model": spec.model.model,
+            "revision": spec.model.revision,
+        },
+        "dataset": {"path": plan.dataset.url, "fingerprint": plan.dataset.fingerprint},
+        "plan_fingerprint": plan.fingerprint(),
+        "metrics_fingerprint": metrics_fingerprint(metrics),
+        "results": store.url_of(store.results_path),
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "finished_at": finished_at.isoformat(timespec="seconds"),
+        "shardeval_version": __version__,
+    }

@@ -1,0 +1,98 @@
+"""Identity: every fingerprint and cache key shardeval computes lives here.
+
+What identifies a result is *what was asked of which model*, nothing about where or how fast:
+
+* **model fingerprint** = provider, model, revision, params (and ``function`` for the python
+  provider). Left out on purpose: ``api_key_env`` and the key (secrets), ``base_url`` (where the
+  model is, not which model it is), ``concurrency``, ``timeout_s``, ``max_retries`` and
+  ``prefect_limit`` (how we call it, not what we ask).
+* **item key** = (model fingerprint, rendered messages, trial). Editing one dataset row changes
+  only that row's key; editing a field the prompt does not use changes no key at all.
+* **batch key** = the batch's item keys, in order.
+* **metric fingerprint** = type, name, parameters, and the metric's code version.
+
+``HASH_VERSION`` is part of every key: bump it when the canonical form changes, so old results
+are never misread as new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shardeval.spec import EvalSpec, ModelSpec
+
+HASH_VERSION = 1
+KEY_HEX_CHARS = 32  # 128 bits: collision-free at any realistic dataset size, half the storage
+
+Messages = Sequence[Mapping[str, str]]
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the same data always gives the same text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def digest(value: Any, length: int = KEY_HEX_CHARS) -> str:
+    """Hex sha256 of the canonical JSON of ``value``, truncated to ``length`` characters."""
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()[:length]
+
+
+def model_fingerprint(model: ModelSpec) -> dict[str, Any]:
+    """The fields that say *which* model answers (see the module docstring for exclusions)."""
+    fingerprint: dict[str, Any] = {
+        "provider": model.provider,
+        "model": model.model,
+        "revision": model.revision,
+        "params": model.params,
+    }
+    if model.function is not None:
+        fingerprint["function"] = model.function
+    return fingerprint
+
+
+def model_hash(model: ModelSpec) -> str:
+    """Digest of :func:`model_fingerprint`."""
+    return digest({"v": HASH_VERSION, "model": model_fingerprint(model)})
+
+
+def item_key(model_digest: str, messages: Messages, trial: int) -> str:
+    """Key of one request: the same model, messages and trial always give the same key."""
+    payload = f"{HASH_VERSION}\x1f{model_digest}\x1f{trial}\x1f{canonical_json(messages)}"
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
+
+
+def batch_key(item_keys: Iterable[str]) -> str:
+    """Key of a batch: its item keys in order."""
+    hasher = hashlib.sha256(f"{HASH_VERSION}\x1f".encode())
+    for key in item_keys:
+        hasher.update(key.encode("ascii"))
+        hasher.update(b"\x1f")
+    return hasher.hexdigest()[:KEY_HEX_CHARS]
+
+
+def content_id(item: Mapping[str, Any]) -> str:
+    """Id of an item without an id field: the hash of its content (16 hex characters)."""
+    return digest(item, length=16)
+
+
+def default_run_id(spec: EvalSpec) -> str:
+    """``<name>-<hash>`` of the model, dataset location, prompt and trials.
+
+    Editing metrics or the batch size keeps the run id (those never need the model again);
+    a new model, dataset location, prompt or trial count starts a new run.
+    """
+    short = digest(
+        {
+            "v": HASH_VERSION,
+            "model": model_fingerprint(spec.model),
+            "dataset": spec.dataset_url(),
+            "prompt": spec.prompt.model_dump(),
+            "trials": spec.trials,
+        },
+        length=10,
+    )
+    return f"{spec.name}-{short}"

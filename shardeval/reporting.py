@@ -1,0 +1,65 @@
+"""Human-readable views of a run's metrics.json, shared by the CLI and the Prefect artifacts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def metrics_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric: name, mean, 95% CI, n (the Prefect table artifact)."""
+    rows = []
+    for name, stats in summary.get("metrics", {}).items():
+        ci = stats.get("ci95") or [None, None]
+        rows.append(
+            {
+                "metric": name,
+                "mean": stats.get("mean"),
+                "ci95_low": ci[0],
+                "ci95_high": ci[1],
+                "stderr": stats.get("stderr"),
+                "n": stats.get("n"),
+            }
+        )
+    return rows
+
+
+def summary_markdown(
+    summary: dict[str, Any], run_stats: dict[str, Any], results_uri: str, metrics_uri: str
+) -> str:
+    """The markdown summary artifact: counts, errors by kind, tokens, cache hits, paths."""
+    lines = [
+        f"# {summary['name']} · {summary['model'].get('model') or summary['model']['provider']}",
+        "",
+        f"Run `{summary['run_id']}`: {summary['n_rows']:,} rows "
+        f"({summary['n_items']:,} items × {summary.get('trials', 1)} trial(s)), "
+        f"**{summary['n_ok']:,} ok**, **{summary['n_error']:,} error**.",
+        "",
+        "| metric | mean | 95% CI | n |",
+        "|---|---|---|---|",
+    ]
+    for row in metrics_rows(summary):
+        lines.append(
+            f"| {row['metric']} | {_fmt(row['mean'])} | "
+            f"[{_fmt(row['ci95_low'])}, {_fmt(row['ci95_high'])}] | {row['n']} |"
+        )
+    usage = summary.get("usage", {})
+    lines += [
+        "",
+        f"- tokens: {usage.get('prompt_tokens', 0):,} prompt, "
+        f"{usage.get('completion_tokens', 0):,} completion",
+        f"- requests sent this attempt: {run_stats.get('sent', 0):,}; "
+        f"rows from the cache: {run_stats.get('from_cache', 0):,}",
+    ]
+    errors = summary.get("errors_by_kind") or {}
+    if errors:
+        lines.append("- errors by kind: " + ", ".join(f"{k}: {v}" for k, v in errors.items()))
+    lines += ["", f"- results: `{results_uri}`", f"- metrics: `{metrics_uri}`"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,182 @@
+"""Before the batches run: validate everything, build the plan, and see what is stored.
+
+Everything that can be wrong with the input (spec, dataset, prompts, metrics, provider
+settings) is found here, before the first model call, and raised as an exit-2 error.
+:func:`survey` then compares the plan with the run directory: which batches are committed,
+which items are stored under an older batching or dataset version (and where), and what
+changed since the previous attempt. Listing costs a bounded number of calls (batches/, parts/),
+and only files that the current plan does not name are opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from shardeval import __version__
+from shardeval.datasets import Dataset, read_dataset
+from shardeval.errors import MetricError
+from shardeval.hashing import default_run_id, model_fingerprint
+from shardeval.metrics import Metric, create_metrics
+from shardeval.planning import PlanDiff, RunPlan, build_plan, diff_plans
+from shardeval.providers import check_provider
+from shardeval.spec import EvalSpec
+from shardeval.storage import RunStore
+
+
+@dataclass
+class Validated:
+    """A spec whose dataset, prompts, metrics and provider settings all check out."""
+
+    spec: EvalSpec
+    dataset: Dataset
+    metrics: list[Metric]
+    plan: RunPlan
+
+
+def validate(spec: EvalSpec, *, limit: int | None = None) -> Validated:
+    """Read the dataset, render every prompt, build the metrics: raise on the first problem."""
+    check_provider(spec.model)
+    metrics = create_metrics(spec.metrics)
+    dataset = read_dataset(spec.dataset, spec.dataset_url(), limit=limit)
+    for index, metric in enumerate(metrics):
+        target = metric.target_field
+        if target is None:
+            continue
+        missing = dataset.missing_field(target)
+        if missing is not None:
+            item_id, item_index = missing
+            raise MetricError(
+                f"metrics[{index}] ({metric.name}): target field {target!r} is missing in "
+                f"item {item_id!r} (row {item_index}) of {dataset.url}",
+                hint=f"fields in the dataset: {', '.join(sorted(dataset.fields))}",
+            )
+    plan = build_plan(spec, dataset)
+    return Validated(spec=spec, dataset=dataset, metrics=metrics, plan=plan)
+
+
+def choose_run_id(spec: EvalSpec, run_id: str | None, *, fresh: bool) -> str:
+    """``--run-id`` if given; else ``<name>-<hash>``; ``--fresh`` adds a timestamp."""
+    if run_id:
+        return run_id
+    base = default_run_id(spec)
+    if fresh:
+        return f"{base}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+    return base
+
+
+@dataclass
+class Survey:
+    """What the run directory holds for this plan."""
+
+    committed: set[str] = field(default_factory=set)
+    """Plan batch keys whose committed file exists."""
+    reuse: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    """For uncommitted batches: other stored files (path → keys) holding some of their items."""
+    done_rows: int = 0
+    """Plan rows with a stored result before this attempt."""
+    diff: PlanDiff | None = None
+    """Dataset changes since the previous attempt (None on the first attempt)."""
+    error_batches: set[str] = field(default_factory=set)
+    """Committed batches holding error rows (re-run by --retry-failed)."""
+
+
+def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Survey:
+    """Compare the plan with what is stored (see the module docstring)."""
+    result = Survey()
+    committed_files = store.list_batches()
+    parts = store.list_parts()
+    plan_keys = {b.key for b in plan.batches}
+    result.committed = plan_keys & committed_files
+
+    # Items stored outside the plan's own files: older batchings or dataset versions.
+    stored_elsewhere: dict[str, str] = {}
+    for key in sorted(committed_files - plan_keys):
+        _index(store, store.batch_path(key), stored_elsewhere)
+    for key, paths in parts.items():
+        if key not in plan_keys:
+            for path in paths:
+                _index(store, path, stored_elsewhere)
+    own_part_keys: dict[str, set[str]] = {}
+    for key, paths in parts.items():
+        if key in plan_keys and key not in result.committed:
+            keys: dict[str, str] = {}
+            for path in paths:
+                _index(store, path, keys)
+            own_part_keys[key] = set(keys)
+
+    row_keys = plan.rows.column("item_key").to_pylist()
+    for batch in plan.batches:
+        keys = row_keys[batch.start : batch.stop]
+        if batch.key in result.committed:
+            result.done_rows += len(keys)
+            continue
+        reuse: dict[str, list[str]] = {}
+        own = own_part_keys.get(batch.key, set())
+        for key in keys:
+            if key in own:
+                result.done_rows += 1
+            elif key in stored_elsewhere:
+                result.done_rows += 1
+                reuse.setdefault(stored_elsewhere[key], []).append(key)
+        if reuse:
+            result.reuse[batch.key] = reuse
+
+    if retry_failed:
+        for key in result.committed:
+            table = store.read_table(store.batch_path(key), columns=["status"])
+            if table is not None and "error" in table.column("status").to_pylist():
+                result.error_batches.add(key)
+
+    previous = store.read_table(store.plan_path, columns=["item_id", "item_key"])
+    if previous is not None:
+        result.diff = diff_plans(previous, plan.rows)
+    return result
+
+
+def _index(store: RunStore, path: str, into: dict[str, str]) -> None:
+    table = store.read_table(path, columns=["item_key", "status"])
+    if table is None:
+        return
+    for key, status in zip(
+        table.column("item_key").to_pylist(), table.column("status").to_pylist(), strict=True
+    ):
+        if status in ("ok", "error") and (key not in into or status == "ok"):
+            into[key] = path
+
+
+def record_attempt(store: RunStore, validated: Validated, run_id: str) -> None:
+    """Write spec.json and plan.parquet for this attempt (the lock holder only)."""
+    spec = validated.spec
+    store.clean_tmp()
+    store.write_json(
+        store.spec_path,
+        {
+            "run_id": run_id,
+            "spec": spec.public_dict(),
+            "spec_source": spec.source,
+            "dataset_url": validated.dataset.url,
+            "dataset_fingerprint": validated.dataset.fingerprint,
+            "model_fingerprint": model_fingerprint(spec.model),
+            "metric_fingerprints": {m.name: m.fingerprint() for m in validated.metrics},
+            "plan_fingerprint": validated.plan.fingerprint(),
+            "shardeval_version": __version__,
+        },
+    )
+    store.write_table(store.plan_path, validated.plan.rows)
+
+
+_memo: dict[str, Validated] = {}
+
+
+def validate_cached(spec: EvalSpec, *, limit: int | None = None) -> Validated:
+    """:func:`validate`, remembered for the last spec in this process.
+
+    The CLI validates before starting Prefect (so bad input fails fast, with exit 2); the
+    flow then validates again. In the same process the second call costs nothing.
+    """
+    key = f"{spec.model_dump_json()}|{spec.source}|{limit}"
+    if key not in _memo:
+        _memo.clear()
+        _memo[key] = validate(spec, limit=limit)
+    return _memo[key]

@@ -1,0 +1,374 @@
+"""RunStore: the storage layout of one run, over any fsspec filesystem.
+
+Layout (see docs/storage.md)::
+
+    <output>/runs/<run_id>/
+      spec.json          resolved spec (no secrets), fingerprints, shardeval version
+      plan.parquet       item ids and keys of the latest attempt (to say what changed)
+      batches/<batch_key>.parquet          committed batch results (responses)
+      parts/<batch_key>/<seq>-<token>.parquet   finished items of a running batch
+      quarantine/        files that failed to parse: set aside, never deleted
+      prefect/           Prefect cache records (small pointers, the fast path)
+      .tmp/              temporary names of local writes in progress
+      lock.json          the one-writer lease while a process holds the run
+      results.parquet    every row in dataset order
+      metrics.json       written last: its presence means the run is complete
+
+Every file a reader can see is whole. On local disk a write goes to ``.tmp/`` and is renamed
+into place (after fsync, so a machine crash cannot leave a renamed-but-empty file); on object
+stores a write is a single PUT (or a multipart upload, which appears only when complete).
+A file that fails to parse is moved to ``quarantine/`` with a warning and its items are
+recomputed: a run never trusts, and never deletes, a damaged file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import posixpath
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from shardeval.errors import StorageError
+
+logger = logging.getLogger("shardeval.storage")
+
+PARQUET_COMPRESSION = "zstd"
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/x`` → ("s3", "bucket/x"); a plain path → ("file", absolute path)."""
+    if "://" in url:
+        protocol, rest = url.split("://", 1)
+        return protocol, rest.rstrip("/")
+    return "file", os.path.abspath(os.path.expanduser(url))
+
+
+class RunStore:
+    """Paths and atomic reads/writes for one run directory."""
+
+    def __init__(self, output: str, run_id: str, storage_options: dict[str, Any] | None = None):
+        self.output = output
+        self.run_id = run_id
+        protocol, base = split_url(output)
+        self.protocol = protocol
+        try:
+            self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(
+                protocol, **(storage_options or {})
+            )
+        except (ImportError, ValueError) as exc:
+            raise StorageError(
+                f"cannot use output {output!r}: {exc}",
+                hint="install the extra for that storage (e.g. pip install 'shardeval[s3]')",
+            ) from exc
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = posixpath.join(base, "runs", run_id)
+
+    # ----------------------------------------------------------------- layout
+    def path(self, *parts: str) -> str:
+        """A path inside the run directory."""
+        return posixpath.join(self.root, *parts)
+
+    def url(self, *parts: str) -> str:
+        """A full URL (with protocol) of a path inside the run, for people and links."""
+        path = self.path(*parts)
+        return path if self.protocol == "file" else f"{self.protocol}://{path}"
+
+    @property
+    def spec_path(self) -> str:  # noqa: D102
+        return self.path("spec.json")
+
+    @property
+    def plan_path(self) -> str:  # noqa: D102
+        return self.path("plan.parquet")
+
+    @property
+    def results_path(self) -> str:  # noqa: D102
+        return self.path("results.parquet")
+
+    @property
+    def metrics_path(self) -> str:  # noqa: D102
+        return self.path("metrics.json")
+
+    @property
+    def prefect_dir(self) -> str:
+        """Where Prefect keeps its cache records for this run."""
+        return self.path("prefect")
+
+    def batch_path(self, batch_key: str) -> str:
+        """The committed file of one batch."""
+        return self.path("batches", f"{batch_key}.parquet")
+
+    def parts_dir(self, batch_key: str) -> str:
+        """The in-progress parts of one batch."""
+        return self.path("parts", batch_key)
+
+    # ------------------------------------------------------------- listing
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists (errors are storage errors, not a 'no')."""
+        return bool(self._guard("check", path, lambda: self.fs.exists(path)))
+
+    def list_batches(self) -> set[str]:
+        """Keys of every committed batch file (one listing call)."""
+        names = self._list(self.path("batches"))
+        return {posixpath.basename(n)[: -len(".parquet")] for n in names if n.endswith(".parquet")}
+
+    def list_parts(self) -> dict[str, list[str]]:
+        """In-progress parts by batch key (one recursive listing)."""
+        parts: dict[str, list[str]] = {}
+        root = self.path("parts")
+        for name in self._find(root):
+            if name.endswith(".parquet"):
+                batch = posixpath.basename(posixpath.dirname(name))
+                parts.setdefault(batch, []).append(name)
+        for names in parts.values():
+            names.sort()
+        return parts
+
+    def list_batch_parts(self, batch_key: str) -> list[str]:
+        """The in-progress parts of one batch, oldest first."""
+        return sorted(n for n in self._find(self.parts_dir(batch_key)) if n.endswith(".parquet"))
+
+    def _list(self, path: str) -> list[str]:
+        def run() -> list[str]:
+            try:
+                return [str(n) for n in self.fs.ls(path, detail=False)]
+            except FileNotFoundError:
+                return []
+
+        return self._guard("list", path, run)  # type: ignore[no-any-return]
+
+    def _find(self, path: str) -> list[str]:
+        def run() -> list[str]:
+            try:
+                return [str(n) for n in self.fs.find(path)]
+            except FileNotFoundError:
+                return []
+
+        return self._guard("list", path, run)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------- writing
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Make ``path`` hold exactly ``data``, never visible half-written."""
+        if self.is_local:
+            self._guard("write", path, lambda: self._write_local(path, data))
+        else:
+            self._guard("write", path, lambda: self.fs.pipe_file(path, data))
+            self._invalidate(path)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Write ``data`` to ``path`` only if nothing is there; False if something is.
+
+        Local disk uses ``O_EXCL``; object stores a conditional PUT (``If-None-Match: *``).
+        Some S3-compatible stores answer the conditional 412 with a generic error
+        (SeaweedFS: ``OSError(EINVAL)``): after an error we look, and report "exists" if so.
+        """
+        if self.is_local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return True
+        try:
+            with self.fs.open(path, "xb") as handle:
+                handle.write(data)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            self._invalidate(path)
+            if self.fs.exists(path):
+                return False
+            raise StorageError(f"cannot create {self.url_of(path)}: {exc}") from exc
+        finally:
+            self._invalidate(path)
+        return True
+
+    def write_json(self, path: str, value: Any) -> None:
+        """Write pretty, key-sorted JSON atomically."""
+        text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        self.write_bytes(path, text.encode("utf-8"))
+
+    def write_table(self, path: str, table: pa.Table) -> None:
+        """Write a Parquet file atomically (built in memory: parts and batches are small)."""
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
+        self.write_bytes(path, sink.getvalue())
+
+    @contextmanager
+    def open_table_writer(self, path: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        """Stream a large Parquet file (results.parquet) and publish it only when complete.
+
+        Locally it is written under ``.tmp/`` and renamed; on object stores it is written to a
+        local temporary file and uploaded in one go (s3fs uses one PUT below ~100 MiB and a
+        multipart upload above, which becomes visible only once complete).
+        """
+        import tempfile
+
+        if self.is_local:
+            tmp = self._tmp_name(path)
+            os.makedirs(posixpath.dirname(tmp), exist_ok=True)
+        else:
+            handle, tmp = tempfile.mkstemp(suffix=".parquet")
+            os.close(handle)
+        try:
+            with pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION) as writer:
+                yield writer
+            if self.is_local:
+                self._fsync_file(tmp)
+                os.makedirs(posixpath.dirname(path), exist_ok=True)
+                os.replace(tmp, path)
+                self._fsync_dir(posixpath.dirname(path))
+            else:
+                self._guard("write", path, lambda: self.fs.put_file(tmp, path))
+                self._invalidate(path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _tmp_name(self, path: str) -> str:
+        return self.path(".tmp", f"{posixpath.basename(path)}.{secrets.token_hex(6)}")
+
+    def _write_local(self, path: str, data: bytes) -> None:
+        tmp = self._tmp_name(path)
+        os.makedirs(posixpath.dirname(tmp), exist_ok=True)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._fsync_dir(posixpath.dirname(path))
+
+    @staticmethod
+    def _fsync_file(path: str) -> None:
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+
+    @staticmethod
+    def _fsync_dir(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def clean_tmp(self) -> None:
+        """Remove temporary names a killed writer left (only the lock holder calls this)."""
+        if self.is_local and os.path.isdir(self.path(".tmp")):
+            for name in os.listdir(self.path(".tmp")):
+                with suppress(FileNotFoundError):
+                    os.unlink(self.path(".tmp", name))
+
+    # ------------------------------------------------------------- reading
+    def read_bytes(self, path: str) -> bytes | None:
+        """The bytes at ``path``, or None if there is no such file."""
+
+        def run() -> bytes | None:
+            try:
+                return bytes(self.fs.cat_file(path))
+            except FileNotFoundError:
+                return None
+
+        return self._guard("read", path, run)  # type: ignore[no-any-return]
+
+    def read_json(self, path: str) -> Any | None:
+        """Parsed JSON at ``path``; None if missing; set aside if it does not parse."""
+        data = self.read_bytes(path)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            self.quarantine(path, f"not valid JSON: {exc}")
+            return None
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table | None:
+        """A Parquet file (column-pruned), None if missing; set aside if it does not parse."""
+        data = self.read_bytes(path)
+        if data is None:
+            return None
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            self.quarantine(path, f"not a readable Parquet file: {exc}")
+            return None
+
+    def quarantine(self, path: str, reason: str) -> str:
+        """Move a damaged file under ``quarantine/`` (kept for inspection, never deleted)."""
+        relative = posixpath.relpath(path, self.root).replace("/", "__")
+        target = self.path("quarantine", f"{int(time.time())}-{secrets.token_hex(3)}-{relative}")
+        logger.warning(
+            "set aside %s (%s); moved to %s, its items will be recomputed",
+            self.url_of(path),
+            reason,
+            self.url_of(target),
+        )
+        self._guard("quarantine", path, lambda: self._move(path, target))
+        return target
+
+    def _move(self, source: str, target: str) -> None:
+        if self.is_local:
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
+            os.replace(source, target)
+        else:
+            self.fs.mv(source, target)
+            self._invalidate(source)
+
+    def delete(self, paths: list[str]) -> None:
+        """Delete files (parts after their batch committed; never a finished result)."""
+        if not paths:
+            return
+        self._guard("delete", paths[0], lambda: self.fs.rm(paths))
+        for path in paths:
+            self._invalidate(path)
+
+    def remove_empty_dir(self, path: str) -> None:
+        """Tidy an emptied directory on local disk (object stores have no directories)."""
+        if self.is_local:
+            with suppress(OSError):
+                os.rmdir(path)
+
+    # ------------------------------------------------------------- helpers
+    def url_of(self, path: str) -> str:
+        """A full URL for a path of this filesystem."""
+        return path if self.protocol == "file" else f"{self.protocol}://{path}"
+
+    def _invalidate(self, path: str) -> None:
+        # s3fs caches listings; a write by us must be seen by our next listing.
+        with contextlib.suppress(Exception):  # cache invalidation is best effort
+            self.fs.invalidate_cache(posixpath.dirname(path))
+
+    def _guard(self, action: str, path: str, operation: Any) -> Any:
+        """Run a storage operation, turning backend errors into a StorageError that says what."""
+        try:
+            return operation()
+        except StorageError:
+            raise
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise StorageError(
+                f"storage failed to {action} {self.url_of(path)}: {type(exc).__name__}: {exc}",
+                hint="check that the store is reachable and the credentials are valid; "
+                "everything already committed is kept, rerun the same command to resume",
+            ) from exc

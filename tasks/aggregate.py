@@ -1,0 +1,51 @@
+"""The aggregation task: results.parquet, metrics.json, and the Prefect artifacts.
+
+Artifacts are created here, in a task that is never cached, because artifacts made inside a
+cached task do not reappear on a cache hit.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from shardeval.finalize import finalize
+from shardeval.metrics import Metric
+from shardeval.planning import RunPlan
+from shardeval.reporting import metrics_rows, summary_markdown
+from shardeval.storage import RunStore
+
+
+def _artifact_key(run_id: str, suffix: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes only.
+    safe = "".join(c if c.isalnum() else "-" for c in run_id.lower()).strip("-")
+    return f"{safe[:50]}-{suffix}"
+
+
+@task(name="aggregate", cache_policy=NO_CACHE, persist_result=False)
+def aggregate(
+    store: RunStore,
+    plan: RunPlan,
+    metrics: list[Metric],
+    started_at: datetime,
+    finished_at: datetime,
+    run_stats: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the run's results and publish its metrics table and summary in the Prefect UI."""
+    done = finalize(store, plan, metrics, started_at=started_at, finished_at=finished_at)
+    summary = done.metrics_json
+    create_table_artifact(
+        key=_artifact_key(store.run_id, "metrics"),
+        table=metrics_rows(summary),
+        description=f"Metrics of {store.run_id} (mean, 95% CI, n)",
+    )
+    create_markdown_artifact(
+        key=_artifact_key(store.run_id, "summary"),
+        markdown=summary_markdown(summary, run_stats, done.results_uri, done.metrics_uri),
+        description=f"Summary of {store.run_id}",
+    )
+    return summary

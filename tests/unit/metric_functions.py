@@ -1,0 +1,52 @@
+"""User-style scoring functions for the ``python`` metric tests, imported by dotted path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+NOT_CALLABLE = 42
+
+
+def length_ratio(response: str, item: Mapping[str, Any]) -> float:
+    return len(response) / len(str(item["answer"]))
+
+
+def is_yes(response: str, item: Mapping[str, Any]) -> bool:
+    return response.strip().lower() == "yes"
+
+
+def word_count(response: str, item: Mapping[str, Any]) -> int:
+    return len(response.split())
+
+
+def maybe_none(response: str, item: Mapping[str, Any]) -> float | None:
+    return None if not response else 1.0
+
+
+def precision_recall(response: str, item: Mapping[str, Any]) -> dict[str, float]:
+    said = set(response.split())
+    expected = set(str(item["answer"]).split())
+    hit = len(said & expected)
+    return {
+        "precision": hit / len(said) if said else 0.0,
+        "recall": hit / len(expected) if expected else 0.0,
+    }
+
+
+async def async_exact(response: str, item: Mapping[str, Any]) -> float:
+    await asyncio.sleep(0)
+    return 1.0 if response.strip() == str(item["answer"]) else 0.0
+
+
+def returns_string(response: str, item: Mapping[str, Any]) -> str:
+    return "high"
+
+
+def returns_bad_dict(response: str, item: Mapping[str, Any]) -> dict[str, object]:
+    return {"ok": 1.0, "bad": "x"}
+
+
+def raises(response: str, item: Mapping[str, Any]) -> float:
+    raise RuntimeError("scorer exploded")
