@@ -14,9 +14,9 @@ every other request would only earn another 429.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import atexit
 import concurrent.futures
+import contextlib
 import threading
 import time
 from collections.abc import Coroutine

@@ -1,0 +1,157 @@
+"""Throughput of `shardeval run` against the bundled test server, end to end.
+
+2,000 items, 100 ms per request, concurrency 64: the ideal is N x latency / concurrency
+= 3.125 s. Prints, for a standing Prefect server and for Prefect's ephemeral mode:
+time to the first model request, the request phase (first request to last answer) and the
+whole run, each as a ratio to the ideal, and a fully cached rerun as a fraction of the first
+run. Every figure is measured in this one run.
+
+    python benchmarks/throughput.py [--items 2000] [--latency 0.1] [--concurrency 64]
+                                    [--prefect-api URL | --no-server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
+from tests.helpers.specs import arith_items, write_spec  # noqa: E402
+
+
+def start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("prefect server did not start")
+
+
+def timed_run(spec: Path, server: TestServer, env: dict[str, str], n: int) -> dict[str, float]:
+    """Run the CLI once; sample the server's counters to time the first and last request."""
+    base = server.stats()
+    first: list[float] = []
+    last: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.01):
+            stats = server.stats()
+            now = time.monotonic()
+            if not first and stats["requests"] > base["requests"]:
+                first.append(now)
+            if not last and stats["completions"] - base["completions"] >= n:
+                last.append(now)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    started = time.monotonic()
+    watcher.start()
+    result = subprocess.run(
+        [sys.executable, "-m", "shardeval", "run", str(spec), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    ended = time.monotonic()
+    stop.set()
+    watcher.join()
+    if result.returncode != 0:
+        raise RuntimeError(f"run failed ({result.returncode}): {result.stderr[-2000:]}")
+    return {
+        "wall_s": ended - started,
+        "first_request_s": (first[0] - started) if first else float("nan"),
+        "request_phase_s": (last[0] - first[0]) if first and last else float("nan"),
+        "requests": server.stats()["requests"] - base["requests"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--prefect-api", help="use this running Prefect server")
+    parser.add_argument("--no-server", action="store_true", help="ephemeral mode only")
+    args = parser.parse_args()
+
+    ideal = args.items * args.latency / args.concurrency
+    work = Path(tempfile.mkdtemp(prefix="shardeval-bench-"))
+    server = TestServer.start_subprocess(ServerConfig(latency_min=args.latency, wrong_every=10))
+    prefect_process = None
+    modes: list[tuple[str, str | None]] = []
+    if not args.no_server:
+        api = args.prefect_api
+        if api is None:
+            prefect_process, api = start_prefect_server(work / "prefect-home")
+        modes.append(("standing Prefect server", api))
+    modes.append(("ephemeral Prefect", None))
+    print(f"{args.items} items, latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}, "
+          f"batch size {args.batch_size}: ideal N*latency/concurrency = {ideal:.3f} s")
+    try:
+        for label, api in modes:
+            spec_dir = work / label.split()[0]
+            spec = write_spec(
+                spec_dir,
+                base_url=server.url,
+                items=arith_items(args.items, seed=hash(label) % 1000),
+                name="bench",
+                batch_size=args.batch_size,
+                model={"concurrency": args.concurrency, "max_retries": 2},
+            )
+            env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+            env["PYTHONPATH"] = str(ROOT)
+            env["PREFECT_HOME"] = str(spec_dir / "prefect-home")
+            if api:
+                env["PREFECT_API_URL"] = api
+            first = timed_run(spec, server, env, args.items)
+            cached = timed_run(spec, server, env, 0)
+            figures = {
+                "mode": label,
+                "first_request_s": round(first["first_request_s"], 2),
+                "request_phase_s": round(first["request_phase_s"], 3),
+                "request_phase_ratio": round(first["request_phase_s"] / ideal, 3),
+                "wall_s": round(first["wall_s"], 2),
+                "wall_ratio": round(first["wall_s"] / ideal, 2),
+                "requests": first["requests"],
+                "cached_rerun_s": round(cached["wall_s"], 2),
+                "cached_rerun_fraction": round(cached["wall_s"] / first["wall_s"], 3),
+                "cached_rerun_requests": cached["requests"],
+            }
+            print(json.dumps(figures))
+    finally:
+        server.stop()
+        if prefect_process is not None:
+            prefect_process.terminate()
+            prefect_process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
