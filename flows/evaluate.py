@@ -8,6 +8,7 @@ directly (``evaluate(spec="examples/quickstart.yaml")``).
 from __future__ import annotations
 
 import queue
+from pathlib import Path
 from datetime import UTC, datetime
 from typing import Any
 
@@ -142,7 +143,11 @@ def run_batches(
     """
     plan = validated.plan
     spec = plan.spec
-    refresh = run_batch_task.with_options(refresh_cache=True)
+    batch_task = run_batch_task
+    if run.store().is_local:
+        # Cache records live with the run they describe (moved or deleted with it).
+        batch_task = run_batch_task.with_options(result_storage=Path(run.store().prefect_dir))
+    refresh = batch_task.with_options(refresh_cache=True)
     window = DEFAULT_MAX_WORKERS * 2
     finished: queue.Queue[PrefectFuture[dict[str, Any]]] = queue.Queue()
     inflight = 0
@@ -166,7 +171,7 @@ def run_batches(
         )
         # Prefect's record only stands if the committed Parquet does (see tasks/batch.py).
         stale = batch.key not in found.committed or batch.key in found.error_batches
-        future = (refresh if stale else run_batch_task).submit(work, run)
+        future = (refresh if stale else batch_task).submit(work, run)
         labels[id(future)] = batch.label
         future.add_done_callback(finished.put)
         inflight += 1

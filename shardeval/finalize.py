@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from shardeval import __version__
 from shardeval.hashing import digest
 from shardeval.metrics import Metric, score_row, summarize
+from shardeval.metrics.trials import bootstrap_ci95, trial_statistics
 from shardeval.planning import RunPlan
 from shardeval.results import RESULT_BASE_FIELDS, conform, results_schema
 from shardeval.storage import RunStore
@@ -46,30 +47,43 @@ def finalize(
     started_at: datetime,
     finished_at: datetime,
 ) -> Finalized:
-    """Write results.parquet (dataset order) and then metrics.json."""
+    """Write results.parquet (dataset order), then metrics.json (the previous one to history/)."""
     chunks: list[pa.Table] = []
+    groups: list[str] = []
     score_errors: Counter[str] = Counter()
     for batch in plan.batches:
         stored = store.read_table(store.batch_path(batch.key))
         if stored is None:
             raise FileNotFoundError(f"committed batch {batch.key} vanished before finalizing")
         rows = plan.rows.slice(batch.start, batch.stop - batch.start)
-        chunks.append(_score_chunk(plan, rows, conform(stored), metrics, score_errors))
+        chunk, chunk_groups = _score_chunk(plan, rows, conform(stored), metrics, score_errors)
+        chunks.append(chunk)
+        groups.extend(chunk_groups)
     score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})
     schema = results_schema(score_columns)
+    conformed = [_conform_result(chunk, schema) for chunk in chunks]
     with store.open_table_writer(store.results_path, schema) as writer:
-        for chunk in chunks:
-            writer.write_table(_conform_result(chunk, schema))
-    table = (
-        pa.concat_tables([_conform_result(c, schema) for c in chunks])
-        if chunks
-        else schema.empty_table()
-    )
-    summary = _summary(
-        store, plan, metrics, table, score_columns, score_errors, started_at, finished_at
-    )
+        for chunk in conformed:
+            writer.write_table(chunk)
+    table = pa.concat_tables(conformed) if conformed else schema.empty_table()
+    summary = _summary(store, plan, metrics, table, score_columns, score_errors)
+    if plan.spec.group_by:
+        summary["group_by"] = list(plan.spec.group_by)
+        summary["by_group"] = _by_group(table, groups, score_columns)
+    summary["started_at"] = started_at.isoformat(timespec="seconds")
+    summary["finished_at"] = finished_at.isoformat(timespec="seconds")
+    _keep_history(store)
     store.write_json(store.metrics_path, summary)
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))
+
+
+def _keep_history(store: RunStore) -> None:
+    """Move aside the previous metrics.json (a rescore never loses an earlier result)."""
+    previous = store.read_bytes(store.metrics_path)
+    if previous is None:
+        return
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    store.write_bytes(store.path("history", f"metrics-{stamp}.json"), previous)
 
 
 def _score_chunk(
@@ -78,7 +92,8 @@ def _score_chunk(
     stored: pa.Table,
     metrics: list[Metric],
     score_errors: Counter[str],
-) -> pa.Table:
+) -> tuple[pa.Table, list[str]]:
+    """One batch's result rows (plan order, scored) and each row's group label."""
     indices = pc.index_in(rows.column("item_key"), value_set=stored.column("item_key"))
     if indices.null_count:
         raise ValueError("a committed batch lacks some of its rows")  # its key says otherwise
@@ -91,11 +106,17 @@ def _score_chunk(
     for field in RESULT_BASE_FIELDS:
         if field.name not in columns:
             columns[field.name] = generation.column(field.name)
+    item_indices = rows.column("item_index").to_pylist()
+    first = item_indices[0]
+    needs_items = bool(metrics or plan.spec.group_by)
+    items = plan.dataset.items(first, item_indices[-1] + 1) if needs_items else []
+    group_by = plan.spec.group_by
+    groups = [
+        " / ".join(str(items[i - first].get(f)) for f in group_by) if group_by else ""
+        for i in item_indices
+    ]
     scores: dict[str, list[float | None]] = {}
     if metrics:
-        item_indices = rows.column("item_index").to_pylist()
-        first = item_indices[0]
-        items = plan.dataset.items(first, item_indices[-1] + 1)
         statuses = generation.column("status").to_pylist()
         responses = generation.column("response").to_pylist()
         n = len(item_indices)
@@ -113,7 +134,37 @@ def _score_chunk(
             scores.setdefault(metric.column, [None] * n)
     for column, values in scores.items():
         columns[column] = pa.array(values, pa.float64())
-    return pa.table(columns)
+    return pa.table(columns), groups
+
+
+def metric_statistics(ok_rows: pa.Table, column: str, trials: int) -> dict[str, Any]:
+    """mean, n, stderr, a seeded bootstrap 95% CI, and pass@k/agreement over trials."""
+    values = ok_rows.column(column).to_pylist()
+    stats = summarize(values)
+    bootstrap = bootstrap_ci95(values)
+    stats["ci_method"] = "normal"
+    if bootstrap is not None:
+        stats["ci95"] = bootstrap
+        stats["ci_method"] = "bootstrap"
+    if trials > 1:
+        stats.update(trial_statistics(ok_rows.column("item_id").to_pylist(), values, trials))
+    return stats
+
+
+def _by_group(table: pa.Table, groups: list[str], score_columns: list[str]) -> dict[str, Any]:
+    labels = pa.array(groups, pa.string())
+    out: dict[str, Any] = {}
+    for label in sorted(set(groups)):
+        rows = table.filter(pc.equal(labels, label))
+        ok_rows = rows.filter(pc.equal(rows.column("status"), "ok"))
+        out[label] = {
+            "n_rows": rows.num_rows,
+            "n_ok": ok_rows.num_rows,
+            "metrics": {
+                c[len("score_") :]: metric_statistics(ok_rows, c, trials=1) for c in score_columns
+            },
+        }
+    return out
 
 
 def _conform_result(chunk: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -137,8 +188,6 @@ def _summary(
     table: pa.Table,
     score_columns: list[str],
     score_errors: Counter[str],
-    started_at: datetime,
-    finished_at: datetime,
 ) -> dict[str, Any]:
     status = table.column("status")
     ok_mask = pc.equal(status, "ok")
@@ -147,7 +196,7 @@ def _summary(
     errors_by_kind = {str(k["values"]): int(k["counts"]) for k in kinds.to_pylist()}
     ok_rows = table.filter(ok_mask)
     metric_stats = {
-        column[len("score_") :]: summarize(ok_rows.column(column).to_pylist())
+        column[len("score_") :]: metric_statistics(ok_rows, column, plan.spec.trials)
         for column in score_columns
     }
     spec = plan.spec
@@ -176,7 +225,5 @@ def _summary(
         "plan_fingerprint": plan.fingerprint(),
         "metrics_fingerprint": metrics_fingerprint(metrics),
         "results": store.url_of(store.results_path),
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "finished_at": finished_at.isoformat(timespec="seconds"),
         "shardeval_version": __version__,
     }

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from shardeval import __version__
 from shardeval.datasets import Dataset, read_dataset
-from shardeval.errors import MetricError
+from shardeval.errors import MetricError, SpecError
 from shardeval.hashing import default_run_id, model_fingerprint
 from shardeval.metrics import Metric, create_metrics
 from shardeval.planning import PlanDiff, RunPlan, build_plan, diff_plans
@@ -49,6 +49,14 @@ def validate(spec: EvalSpec, *, limit: int | None = None) -> Validated:
             raise MetricError(
                 f"metrics[{index}] ({metric.name}): target field {target!r} is missing in "
                 f"item {item_id!r} (row {item_index}) of {dataset.url}",
+                hint=f"fields in the dataset: {', '.join(sorted(dataset.fields))}",
+            )
+    for field_name in spec.group_by:
+        missing = dataset.missing_field(field_name)
+        if missing is not None:
+            raise SpecError(
+                f"group_by: field {field_name!r} is missing in item {missing[0]!r} "
+                f"(row {missing[1]}) of {dataset.url}",
                 hint=f"fields in the dataset: {', '.join(sorted(dataset.fields))}",
             )
     plan = build_plan(spec, dataset)

@@ -112,6 +112,8 @@ class EvalSpec(_Strict):
     prompt: PromptSpec
     model: ModelSpec
     metrics: list[MetricSpec] = Field(default_factory=list)
+    group_by: list[str] = Field(default_factory=list)
+    """Dataset fields to break metrics down by (``metrics.json`` gains ``by_group``)."""
     batch_size: int = Field(default=100, gt=0, le=1_000_000)
     """Items per Prefect batch task (hundreds keep Prefect's ~20 ms per task negligible)."""
     trials: int = Field(default=1, gt=0, le=1000)
