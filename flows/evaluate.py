@@ -7,28 +7,25 @@ directly (``evaluate(spec="examples/quickstart.yaml")``).
 
 from __future__ import annotations
 
-import queue
-from pathlib import Path
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from shardeval import interrupt
+from flows.stages import run_judges, submit_batches
 from shardeval.engine import close_engines
-from shardeval.errors import RunIncomplete, RunInterrupted
+from shardeval.errors import RunIncomplete
 from shardeval.hashing import default_run_id
 from shardeval.locking import RunLock
 from shardeval.overrides import resolve_spec
-from shardeval.progress import RunProgress, progress_for
+from shardeval.progress import progress_for
 from shardeval.runner import BatchWork, RunRef
 from shardeval.session import Survey, Validated, choose_run_id, record_attempt, survey
 from shardeval.storage import RunStore
 from tasks.aggregate import aggregate
-from tasks.batch import run_batch_task
 from tasks.shard import shard_dataset
 
 DEFAULT_MAX_WORKERS = 8
@@ -95,7 +92,9 @@ def evaluate(
         progress.plan(validated.plan.n_rows, len(validated.plan.batches), 0)
         logger.info(describe_resume(run_id, validated, found))
         run = RunRef(run_id=run_id, output=store.output, model=eval_spec.model)
-        failures = run_batches(validated, found, run, progress, retry_failed=retry_failed)
+        failures = submit_batches(batch_works(validated, found, run, retry_failed), run, progress)
+        if not failures:
+            failures = run_judges(store, validated, progress)
         if failures:
             raise RunIncomplete(
                 f"{len(failures)} of {len(validated.plan.batches)} batches could not finish: "
@@ -128,36 +127,13 @@ def describe_resume(run_id: str, validated: Validated, found: Survey) -> str:
     return text
 
 
-def run_batches(
-    validated: Validated,
-    found: Survey,
-    run: RunRef,
-    progress: RunProgress,
-    *,
-    retry_failed: bool,
-) -> list[str]:
-    """Submit every batch, at most a window of them at once; return failure descriptions.
-
-    The window bounds memory (a batch's rendered requests exist only while it is queued or
-    running) and keeps submission from racing far ahead of the workers.
-    """
+def batch_works(
+    validated: Validated, found: Survey, run: RunRef, retry_failed: bool
+) -> Iterator[tuple[BatchWork, bool]]:
+    """Each batch's work (rendered only when submitted) and whether its cache record is stale."""
     plan = validated.plan
     spec = plan.spec
-    batch_task = run_batch_task
-    if run.store().is_local:
-        # Cache records live with the run they describe (moved or deleted with it).
-        batch_task = run_batch_task.with_options(result_storage=Path(run.store().prefect_dir))
-    refresh = batch_task.with_options(refresh_cache=True)
-    window = DEFAULT_MAX_WORKERS * 2
-    finished: queue.Queue[PrefectFuture[dict[str, Any]]] = queue.Queue()
-    inflight = 0
-    failures: list[str] = []
-    labels: dict[int, str] = {}
     for batch in plan.batches:
-        while inflight >= window:
-            inflight -= _collect(finished.get(), labels, failures)
-        if interrupt.stop_requested():
-            break
         work = BatchWork(
             run_id=run.run_id,
             number=batch.number,
@@ -169,31 +145,5 @@ def run_batches(
             flush_every_s=spec.flush_every_s,
             flush_every_items=spec.flush_every_items,
         )
-        # Prefect's record only stands if the committed Parquet does (see tasks/batch.py).
         stale = batch.key not in found.committed or batch.key in found.error_batches
-        future = (refresh if stale else batch_task).submit(work, run)
-        labels[id(future)] = batch.label
-        future.add_done_callback(finished.put)
-        inflight += 1
-    while inflight:
-        inflight -= _collect(finished.get(), labels, failures)
-    if interrupt.stop_requested():
-        raise RunInterrupted(
-            f"stopped: {progress.done:,} of {progress.total:,} done; run the same command to resume"
-        )
-    return failures
-
-
-def _collect(
-    future: PrefectFuture[dict[str, Any]], labels: dict[int, str], failures: list[str]
-) -> int:
-    future.wait()
-    state = future.state
-    if not state.is_completed():
-        try:
-            state.result()
-        except RunInterrupted:
-            pass
-        except Exception as exc:
-            failures.append(f"{labels.get(id(future), 'batch')}: {exc}")
-    return 1
+        yield work, stale

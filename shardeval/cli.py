@@ -131,6 +131,63 @@ def validate(
     out_console.print(f"  run id: {default_run_id(eval_spec)}")
 
 
+@app.command()
+def status(
+    run_id: Annotated[str, typer.Argument(help="The run to look at.", show_default=False)],
+    output: OutputOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show what a run holds: items done, errors, batches, tokens, who holds it, if complete.
+
+    Reads storage only (no Prefect, no lock), so it works from another terminal while the
+    run is going on, or after it died.
+    """
+    import json
+
+    from shardeval.spec import EvalSpec
+    from shardeval.status import read_status, render_status
+
+    found = read_status(output or EvalSpec.model_fields["output"].default, run_id)
+    if as_json:
+        print(json.dumps(found.to_dict(), indent=2, sort_keys=True))
+    else:
+        out_console.print(render_status(found))
+
+
+@app.command()
+def rescore(
+    run_id: Annotated[str, typer.Argument(help="The run to re-score.", show_default=False)],
+    spec: Annotated[
+        str | None, typer.Option(help="Spec whose metrics to apply (default: the run's own).")
+    ] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="Where runs are stored.")] = (
+        "./shardeval-runs"
+    ),
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run's holder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No spinner.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """Apply metrics to a run's stored responses: new results and metrics, no model call."""
+    started = time.monotonic()
+    _configure_logging(verbose)
+    from shardeval.rescore import prepare_rescore
+
+    source = _spec_source(spec) if spec else None
+    job = prepare_rescore(run_id, output, source)  # exit 2 before Prefect if it cannot work
+    show = not quiet and sys.stderr.isatty()
+    with spinner("Loading Prefect...", enabled=show):
+        from flows.rescore import rescore as rescore_flow
+    _start_prefect(show)
+    summary = rescore_flow(run_id=run_id, spec=source, output=output, wait=wait)
+    print_summary(
+        summary,
+        wall_s=time.monotonic() - started,
+        sent=0,
+        from_cache=summary["n_rows"],
+        results_dir=job.store.url(),
+    )
+
+
 @app.command("test-server")
 def test_server(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8000,

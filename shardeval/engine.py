@@ -224,9 +224,11 @@ def engine_for(run_id: str, model: ModelSpec) -> Engine:
 
 
 def close_engines(run_id: str | None = None) -> None:
-    """Close the engines of one run (or all of them)."""
+    """Close the engines of one run, its judges included (or all of them)."""
     with _engines_lock:
-        keys = [k for k in _engines if run_id is None or k[0] == run_id]
+        keys = [
+            k for k in _engines if run_id is None or k[0] == run_id or k[0].startswith(run_id + "/")
+        ]
         engines = [_engines.pop(k) for k in keys]
     for engine in engines:
         engine.close()

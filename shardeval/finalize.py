@@ -73,6 +73,7 @@ def finalize(
     summary["started_at"] = started_at.isoformat(timespec="seconds")
     summary["finished_at"] = finished_at.isoformat(timespec="seconds")
     _keep_history(store)
+    store.tidy()
     store.write_json(store.metrics_path, summary)
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))
 

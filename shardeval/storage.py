@@ -342,6 +342,11 @@ class RunStore:
         for path in paths:
             self._invalidate(path)
 
+    def tidy(self) -> None:
+        """Remove the in-progress directories once empty (a finished run has none)."""
+        self.remove_empty_dir(self.path("parts"))
+        self.remove_empty_dir(self.path(".tmp"))
+
     def remove_empty_dir(self, path: str) -> None:
         """Tidy an emptied directory on local disk (object stores have no directories)."""
         if self.is_local:

@@ -26,7 +26,7 @@ TASK_RETRY_DELAYS_S = [10, 30]
 def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """``<run id>/<batch key>``: the same batch of the same run is the same result."""
     work: BatchWork = parameters["work"]
-    return f"shardeval-{work.run_id}-{work.key}"
+    return f"shardeval-{work.run_id.replace('/', '.')}-{work.key}"
 
 
 def batch_run_name() -> str:

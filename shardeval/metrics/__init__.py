@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from shardeval.metrics import match, python, regex  # noqa: F401  (register the built-ins)
+from shardeval.metrics import judge, match, python, regex  # noqa: F401  (register the built-ins)
 from shardeval.metrics.aggregate import summarize, summarize_column
 from shardeval.metrics.base import (
     METRICS,
