@@ -91,12 +91,14 @@ def build_plan(spec: EvalSpec, dataset: Dataset) -> RunPlan:
     """Render every prompt once to compute every key (raises PromptError naming the item)."""
     renderer = PromptRenderer(spec.prompt)
     model_digest = model_hash(spec.model)
-    indices: list[int] = []
-    ids: list[str] = []
-    trials: list[int] = []
-    keys: list[str] = []
+    # Python objects exist for one chunk at a time; the plan itself is Arrow arrays.
+    chunks: list[pa.Table] = []
     for start in range(0, len(dataset), RENDER_CHUNK):
         stop = min(start + RENDER_CHUNK, len(dataset))
+        indices: list[int] = []
+        ids: list[str] = []
+        trials: list[int] = []
+        keys: list[str] = []
         for offset, (item, item_id) in enumerate(
             zip(dataset.items(start, stop), dataset.ids(start, stop), strict=True)
         ):
@@ -106,26 +108,28 @@ def build_plan(spec: EvalSpec, dataset: Dataset) -> RunPlan:
                 ids.append(item_id)
                 trials.append(trial)
                 keys.append(item_key(model_digest, messages, trial))
-    rows = pa.table(
-        {
-            "item_index": pa.array(indices, pa.int64()),
-            "item_id": pa.array(ids, pa.string()),
-            "trial": pa.array(trials, pa.int64()),
-            "item_key": pa.array(keys, pa.string()),
-        }
-    )
+        chunks.append(
+            pa.table(
+                {
+                    "item_index": pa.array(indices, pa.int64()),
+                    "item_id": pa.array(ids, pa.string()),
+                    "trial": pa.array(trials, pa.int64()),
+                    "item_key": pa.array(keys, pa.string()),
+                }
+            )
+        )
+    rows = pa.concat_tables(chunks).combine_chunks()
     plan = RunPlan(spec=spec, dataset=dataset, model_digest=model_digest, rows=rows)
-    plan.batches = list(_cut(keys, spec.batch_size))
+    plan.batches = list(_cut(rows.column("item_key"), spec.batch_size))
     return plan
 
 
-def _cut(keys: list[str], size: int) -> Iterator[BatchRef]:
+def _cut(keys: pa.ChunkedArray, size: int) -> Iterator[BatchRef]:
     total = (len(keys) + size - 1) // size
     for number, start in enumerate(range(0, len(keys), size), start=1):
         stop = min(start + size, len(keys))
-        yield BatchRef(
-            number=number, total=total, key=batch_key(keys[start:stop]), start=start, stop=stop
-        )
+        key = batch_key(keys.slice(start, stop - start).to_pylist())
+        yield BatchRef(number=number, total=total, key=key, start=start, stop=stop)
 
 
 @dataclass(frozen=True)

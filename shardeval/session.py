@@ -113,12 +113,12 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
                 _index(store, path, keys)
             own_part_keys[key] = set(keys)
 
-    row_keys = plan.rows.column("item_key").to_pylist()
+    row_keys = plan.rows.column("item_key")
     for batch in plan.batches:
-        keys = row_keys[batch.start : batch.stop]
         if batch.key in result.committed:
-            result.done_rows += len(keys)
+            result.done_rows += batch.stop - batch.start
             continue
+        keys = row_keys.slice(batch.start, batch.stop - batch.start).to_pylist()
         reuse: dict[str, list[str]] = {}
         own = own_part_keys.get(batch.key, set())
         for key in keys:
