@@ -43,7 +43,7 @@ def evaluate_run_name() -> str:
 @flow(
     name="evaluate",
     flow_run_name=evaluate_run_name,
-    task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_WORKERS),
+    task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_WORKERS),  # type: ignore[arg-type]
     persist_result=False,
 )
 def evaluate(

@@ -115,7 +115,7 @@ class Engine:
             retry_after = getattr(exc, "retry_after", None)
             base = wait_exponential_jitter(initial=0.5, max=30.0)(state)
             if retry_after is not None:
-                return min(MAX_BACKOFF_S, max(retry_after, 0.0))
+                return min(MAX_BACKOFF_S, max(float(retry_after), 0.0))
             return float(base)
 
         retrying = AsyncRetrying(

@@ -126,10 +126,10 @@ def _score_chunk(
         ):
             if status != "ok":
                 continue
-            values, errors = score_row(metrics, response or "", items[index - first])
+            row_scores, errors = score_row(metrics, response or "", items[index - first])
             for name, _message in errors:
                 score_errors[name] += 1
-            for column, value in values.items():
+            for column, value in row_scores.items():
                 scores.setdefault(column, [None] * n)[position] = value
         for metric in metrics:
             scores.setdefault(metric.column, [None] * n)

@@ -63,7 +63,7 @@ class RunPlan:
     @property
     def n_rows(self) -> int:
         """Rows = items × trials."""
-        return self.rows.num_rows
+        return int(self.rows.num_rows)
 
     def fingerprint(self) -> str:
         """Digest of every row key in order: equal plans have equal fingerprints."""

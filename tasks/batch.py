@@ -20,7 +20,7 @@ from shardeval.engine import engine_for
 from shardeval.progress import progress_for
 from shardeval.runner import BatchIncomplete, BatchWork, RunRef, run_batch
 
-TASK_RETRY_DELAYS_S = [10, 30]
+TASK_RETRY_DELAYS_S: list[float] = [10.0, 30.0]
 
 
 def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -42,7 +42,7 @@ class PythonProvider:
             ) from None
         if not callable(function):
             raise SpecError(f"model.function: {model.function!r} is not callable")
-        return function  # type: ignore[no-any-return]
+        return function
 
     check = load
 
