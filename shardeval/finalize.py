@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from shardeval import __version__
 from shardeval.hashing import digest
 from shardeval.metrics import Metric, score_row, summarize
-from shardeval.metrics.trials import bootstrap_ci95, trial_statistics
+from shardeval.metrics.trials import bootstrap_ci95, item_means, trial_statistics
 from shardeval.planning import RunPlan
 from shardeval.results import RESULT_BASE_FIELDS, conform, results_schema
 from shardeval.storage import RunStore
@@ -73,8 +73,8 @@ def finalize(
     summary["started_at"] = started_at.isoformat(timespec="seconds")
     summary["finished_at"] = finished_at.isoformat(timespec="seconds")
     _keep_history(store)
-    store.tidy()
     store.write_json(store.metrics_path, summary)
+    store.tidy()
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))
 
 
@@ -132,7 +132,9 @@ def _score_chunk(
             for column, value in row_scores.items():
                 scores.setdefault(column, [None] * n)[position] = value
         for metric in metrics:
-            scores.setdefault(metric.column, [None] * n)
+            # A metric returning a dict has score_<name>_<key> columns instead of its own.
+            if not any(c.startswith(f"{metric.column}_") for c in scores):
+                scores.setdefault(metric.column, [None] * n)
     for column, values in scores.items():
         columns[column] = pa.array(values, pa.float64())
     return pa.table(columns), groups
@@ -142,7 +144,10 @@ def metric_statistics(ok_rows: pa.Table, column: str, trials: int) -> dict[str, 
     """mean, n, stderr, a seeded bootstrap 95% CI, and pass@k/agreement over trials."""
     values = ok_rows.column(column).to_pylist()
     stats = summarize(values)
-    bootstrap = bootstrap_ci95(values)
+    # With trials, rows of one item are not independent: resample items, not rows.
+    bootstrap = bootstrap_ci95(
+        item_means(ok_rows.column("item_id").to_pylist(), values) if trials > 1 else values
+    )
     stats["ci_method"] = "normal"
     if bootstrap is not None:
         stats["ci95"] = bootstrap

@@ -66,6 +66,11 @@ def validate(spec: EvalSpec, *, limit: int | None = None) -> Validated:
 def choose_run_id(spec: EvalSpec, run_id: str | None, *, fresh: bool) -> str:
     """``--run-id`` if given; else ``<name>-<hash>``; ``--fresh`` adds a timestamp."""
     if run_id:
+        if fresh:
+            raise SpecError(
+                "--fresh starts a new run with a new id; it cannot be combined with --run-id",
+                hint="drop --fresh to write that run, or --run-id to start a fresh one",
+            )
         return run_id
     base = default_run_id(spec)
     if fresh:
@@ -177,14 +182,20 @@ def record_attempt(store: RunStore, validated: Validated, run_id: str) -> None:
 _memo: dict[str, Validated] = {}
 
 
-def validate_cached(spec: EvalSpec, *, limit: int | None = None) -> Validated:
-    """:func:`validate`, remembered for the last spec in this process.
+def validate_cached(
+    spec: EvalSpec, *, limit: int | None = None, remember: bool = False
+) -> Validated:
+    """:func:`validate`, handed over once from the CLI to the flow it starts.
 
-    The CLI validates before starting Prefect (so bad input fails fast, with exit 2); the
-    flow then validates again. In the same process the second call costs nothing.
+    The CLI validates before starting Prefect (so bad input fails fast, with exit 2) with
+    ``remember=True``; the flow then validates again and takes that result, so the second
+    call costs nothing. The memo is used once: a later flow run in the same process (a
+    served deployment, a notebook, tests) reads the dataset again and sees its edits.
     """
     key = f"{spec.model_dump_json()}|{spec.source}|{limit}"
-    if key not in _memo:
-        _memo.clear()
-        _memo[key] = validate(spec, limit=limit)
-    return _memo[key]
+    remembered = _memo.pop(key, None)
+    _memo.clear()
+    validated = remembered if remembered is not None else validate(spec, limit=limit)
+    if remember:
+        _memo[key] = validated
+    return validated

@@ -5,7 +5,8 @@
   reported for binary metrics (every score 0 or 1) and k in {1, 2, 4, ..., n}.
 * **agreement** is the share of items whose trials all got the same score.
 * **bootstrap** 95% intervals resample items with replacement (seeded, so a rerun prints the
-  same interval). For 0/1 scores a resampled mean is exactly a binomial draw, which makes the
+  same interval); with trials, the resampled unit is the item's mean over its trials. For 0/1
+  scores a resampled mean is exactly a binomial draw, which makes the
   bootstrap cheap at any size; for other scores it resamples up to ``BOOTSTRAP_MAX_N`` values
   and falls back to the normal approximation beyond that, where the two agree.
 """
@@ -64,6 +65,16 @@ def trial_statistics(
             for k in ks
         }
     return out
+
+
+def item_means(item_ids: Sequence[str], values: Sequence[float | None]) -> list[float]:
+    """The mean score of each item over its scored trials (for a clustered bootstrap)."""
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for item_id, value in zip(item_ids, values, strict=True):
+        if value is not None and not math.isnan(value):
+            sums[item_id][0] += value
+            sums[item_id][1] += 1
+    return [total / count for total, count in sums.values()]
 
 
 def bootstrap_ci95(values: Sequence[float]) -> list[float] | None:

@@ -39,3 +39,9 @@ def test_bootstrap_is_seeded_and_brackets_the_mean() -> None:
     ci = bootstrap_ci95(continuous)
     assert ci is not None and ci[0] < 0.495 < ci[1]
     assert bootstrap_ci95([1.0]) is None
+
+
+def test_item_means_average_each_items_trials() -> None:
+    from shardeval.metrics.trials import item_means
+
+    assert sorted(item_means(["a", "a", "b", "b"], [1.0, 0.0, 1.0, None])) == [0.5, 1.0]
