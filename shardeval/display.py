@@ -28,7 +28,8 @@ from shardeval.progress import RunProgress
 from shardeval.reporting import metrics_rows
 
 err_console = Console(stderr=True)
-out_console = Console()
+# soft_wrap: a path printed to a pipe stays on one line (scripts read it).
+out_console = Console(soft_wrap=True)
 
 
 @contextmanager

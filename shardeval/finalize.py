@@ -72,14 +72,14 @@ def finalize(
         summary["by_group"] = _by_group(table, groups, score_columns)
     summary["started_at"] = started_at.isoformat(timespec="seconds")
     summary["finished_at"] = finished_at.isoformat(timespec="seconds")
-    _keep_history(store)
+    keep_history(store)
     store.write_json(store.metrics_path, summary)
     store.tidy()
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))
 
 
-def _keep_history(store: RunStore) -> None:
-    """Move aside the previous metrics.json (a rescore never loses an earlier result)."""
+def keep_history(store: RunStore) -> None:
+    """Copy the current metrics.json, if any, to history/ (no result is ever lost)."""
     previous = store.read_bytes(store.metrics_path)
     if previous is None:
         return

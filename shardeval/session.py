@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from shardeval import __version__
 from shardeval.datasets import Dataset, read_dataset
 from shardeval.errors import MetricError, SpecError
+from shardeval.finalize import keep_history
 from shardeval.hashing import default_run_id, model_fingerprint
 from shardeval.metrics import Metric, create_metrics
 from shardeval.planning import PlanDiff, RunPlan, build_plan, diff_plans
@@ -162,6 +163,7 @@ def record_attempt(store: RunStore, validated: Validated, run_id: str) -> None:
     """Write spec.json and plan.parquet for this attempt (the lock holder only)."""
     spec = validated.spec
     store.clean_tmp()
+    _retire_stale_metrics(store, validated)
     store.write_json(
         store.spec_path,
         {
@@ -177,6 +179,19 @@ def record_attempt(store: RunStore, validated: Validated, run_id: str) -> None:
         },
     )
     store.write_table(store.plan_path, validated.plan.rows)
+
+
+def _retire_stale_metrics(store: RunStore, validated: Validated) -> None:
+    """Move a metrics.json of another plan to history/: it no longer describes this run.
+
+    (After ``--limit 5``, a full run must not leave "complete: true" for 5 items behind if it
+    fails midway.) Nothing is deleted.
+    """
+    previous = store.read_json(store.metrics_path)
+    current = validated.plan.fingerprint()
+    if isinstance(previous, dict) and previous.get("plan_fingerprint") != current:
+        keep_history(store)
+        store.delete([store.metrics_path])
 
 
 _memo: dict[str, Validated] = {}
