@@ -103,14 +103,7 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
     plan_keys = {b.key for b in plan.batches}
     result.committed = plan_keys & committed_files
 
-    # Items stored outside the plan's own files: older batchings or dataset versions.
-    stored_elsewhere: dict[str, str] = {}
-    for key in sorted(committed_files - plan_keys):
-        _index(store, store.batch_path(key), stored_elsewhere)
-    for key, paths in parts.items():
-        if key not in plan_keys:
-            for path in paths:
-                _index(store, path, stored_elsewhere)
+    elsewhere = stored_elsewhere(store, plan_keys, committed_files, parts)
     own_part_keys: dict[str, set[str]] = {}
     for key, paths in parts.items():
         if key in plan_keys and key not in result.committed:
@@ -130,9 +123,9 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
         for key in keys:
             if key in own:
                 result.done_rows += 1
-            elif key in stored_elsewhere:
+            elif key in elsewhere:
                 result.done_rows += 1
-                reuse.setdefault(stored_elsewhere[key], []).append(key)
+                reuse.setdefault(elsewhere[key], []).append(key)
         if reuse:
             result.reuse[batch.key] = reuse
 
@@ -146,6 +139,38 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
     if previous is not None:
         result.diff = diff_plans(previous, plan.rows)
     return result
+
+
+def stored_elsewhere(
+    store: RunStore,
+    own_batches: set[str],
+    committed_files: set[str] | None = None,
+    parts: dict[str, list[str]] | None = None,
+) -> dict[str, str]:
+    """Item key → file, for results stored outside ``own_batches``.
+
+    Those are results of an older batching or dataset version; only their files are opened,
+    column-pruned to key and status.
+    """
+    committed_files = store.list_batches() if committed_files is None else committed_files
+    parts = store.list_parts() if parts is None else parts
+    index: dict[str, str] = {}
+    for key in sorted(committed_files - own_batches):
+        _index(store, store.batch_path(key), index)
+    for key, paths in parts.items():
+        if key not in own_batches:
+            for path in paths:
+                _index(store, path, index)
+    return index
+
+
+def reuse_map(keys: list[str], index: dict[str, str]) -> dict[str, list[str]]:
+    """Group the ``keys`` found in ``index`` by the file holding them."""
+    reuse: dict[str, list[str]] = {}
+    for key in keys:
+        if key in index:
+            reuse.setdefault(index[key], []).append(key)
+    return reuse
 
 
 def _index(store: RunStore, path: str, into: dict[str, str]) -> None:
