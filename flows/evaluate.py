@@ -7,28 +7,43 @@ directly (``evaluate(spec="examples/quickstart.yaml")``).
 
 from __future__ import annotations
 
+import logging
+import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.stages import run_judges, submit_batches
+from shardeval import interrupt
 from shardeval.engine import close_engines
 from shardeval.errors import RunIncomplete
 from shardeval.hashing import default_run_id
 from shardeval.locking import RunLock
 from shardeval.overrides import resolve_spec
+from shardeval.prefect_limit import prefect_limit_mode
 from shardeval.progress import progress_for
 from shardeval.runner import BatchWork, RunRef
 from shardeval.session import Survey, Validated, choose_run_id, record_attempt, survey
 from shardeval.storage import RunStore
+from shardeval.taskrunners import (
+    DEFAULT_MAX_WORKERS,
+    NO_SERVER_WARNING,
+    check_task_runner,
+    has_prefect_server,
+    is_dask_runner,
+    make_task_runner,
+)
 from tasks.aggregate import aggregate
 from tasks.shard import shard_dataset
 
-DEFAULT_MAX_WORKERS = 8
+report = logging.getLogger("shardeval.run")
+"""What a run found and does, for the person who started it; the CLI shows its INFO lines."""
 
 
 def evaluate_run_name() -> str:
@@ -56,6 +71,8 @@ def evaluate(
     batch_size: int | None = None,
     concurrency: int | None = None,
     wait: bool = False,
+    task_runner: str = "threads",
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on a dataset, resuming whatever a previous attempt finished.
 
@@ -70,12 +87,18 @@ def evaluate(
         batch_size: override the spec's batch size.
         concurrency: override the spec's request concurrency.
         wait: wait for another process holding the run instead of failing.
+        task_runner: where batch tasks run: ``threads`` (in this process) or ``dask``
+            (worker processes of a local Dask cluster, or of ``dask_address``; needs the
+            ``[dask]`` extra and a Prefect server). See docs/distributed.md.
+        dask_address: an existing Dask scheduler, e.g. ``tcp://10.0.0.5:8786``.
 
     Returns:
         The run's metrics.json content.
     """
     logger = get_run_logger()
+    runner_kind = check_task_runner(task_runner, dask_address)
     eval_spec = resolve_spec(spec, batch_size=batch_size, concurrency=concurrency)
+    prefect_limit_mode(eval_spec.model)  # a missing model.prefect_limit fails here, not later
     validated: Validated = shard_dataset(eval_spec, limit)
     if run_id is None and not fresh and flow_run.id:
         # A deployment run: a new eval run per flow run; a retry keeps the flow run id.
@@ -85,35 +108,93 @@ def evaluate(
     progress = progress_for(run_id)
     started_at = datetime.now(UTC)
     lock = RunLock(store)
-    lock.acquire(wait=wait)
+    with interrupt.graceful_signal(
+        signal.SIGTERM, eval_spec.grace_period_s, defer=prefect_runner_signalled
+    ):
+        lock.acquire(wait=wait)
+        try:
+            # Survey first: it compares the plan with the previous attempt's plan.parquet, which
+            # record_attempt then replaces.
+            found = survey(store, validated.plan, retry_failed=retry_failed)
+            record_attempt(store, validated, run_id)
+            progress.plan(validated.plan.n_rows, len(validated.plan.batches), 0)
+            found_text = describe_resume(run_id, validated, found)
+            logger.info(found_text)  # the Prefect UI
+            report.info(found_text)  # the CLI's console (shardeval's logger)
+            run = RunRef(run_id=run_id, output=store.output, model=eval_spec.model)
+            last_round = False
+            while True:
+                with batch_runner(runner_kind, dask_address) as runner:
+                    failures = submit_batches(
+                        batch_works(validated, found, run, retry_failed),
+                        run,
+                        progress,
+                        runner=runner,
+                    )
+                    if not failures:
+                        failures = run_judges(store, validated, progress, runner=runner)
+                if failures:
+                    raise RunIncomplete(
+                        f"{len(failures)} of {len(validated.plan.batches)} batches could not "
+                        "finish: "
+                        + "; ".join(failures[:5])
+                        + ("; ..." if len(failures) > 5 else ""),
+                        hint="run the same command again to retry only what is missing",
+                    )
+                progress.set_phase("aggregating")
+                try:
+                    return aggregate(
+                        store,
+                        validated.plan,
+                        validated.metrics,
+                        started_at,
+                        datetime.now(UTC),
+                        {"sent": progress.sent, "from_cache": progress.from_cache},
+                    )
+                except FileNotFoundError:
+                    # A batch that came back Cached was never read by its task; finalizing
+                    # found its Parquet unreadable and set it aside. Recompute it, once.
+                    if last_round:
+                        raise
+                    last_round = True
+                    found = survey(store, validated.plan, retry_failed=retry_failed)
+                    progress.plan(validated.plan.n_rows, len(validated.plan.batches), 0)
+        finally:
+            lock.release()
+            close_engines(run_id)
+
+
+def prefect_runner_signalled() -> bool:
+    """Whether Prefect's runner sent this SIGTERM on purpose (cancelling a deployment run).
+
+    Such a signal keeps Prefect's own handling (the flow run ends Cancelled at once); any
+    other SIGTERM (the CLI's user, ``kill``, a container stop) stops gracefully.
+    """
     try:
-        record_attempt(store, validated, run_id)
-        found = survey(store, validated.plan, retry_failed=retry_failed)
-        progress.plan(validated.plan.n_rows, len(validated.plan.batches), 0)
-        logger.info(describe_resume(run_id, validated, found))
-        run = RunRef(run_id=run_id, output=store.output, model=eval_spec.model)
-        failures = submit_batches(batch_works(validated, found, run, retry_failed), run, progress)
-        if not failures:
-            failures = run_judges(store, validated, progress)
-        if failures:
-            raise RunIncomplete(
-                f"{len(failures)} of {len(validated.plan.batches)} batches could not finish: "
-                + "; ".join(failures[:5])
-                + ("; ..." if len(failures) > 5 else ""),
-                hint="run the same command again to retry only what is missing",
-            )
-        progress.set_phase("aggregating")
-        return aggregate(
-            store,
-            validated.plan,
-            validated.metrics,
-            started_at,
-            datetime.now(UTC),
-            {"sent": progress.sent, "from_cache": progress.from_cache},
-        )
-    finally:
-        lock.release()
-        close_engines(run_id)
+        from prefect._internal import control_listener
+
+        return control_listener.get_intent() is not None
+    except Exception:  # an internal API: without it, every SIGTERM stops gracefully
+        return False
+
+
+@contextmanager
+def batch_runner(kind: str, address: str | None) -> Iterator[TaskRunner[Any] | None]:
+    """The task runner for batch tasks: None for the flow's own, or a Dask runner.
+
+    A flow's task runner is fixed when it is decorated (threads here); the CLI swaps it with
+    ``evaluate.with_options(task_runner=...)``. A deployment cannot, so a ``task_runner:
+    dask`` parameter opens a Dask runner here, for the batch stage of this flow run.
+    """
+    context = FlowRunContext.get()
+    current = context.task_runner if context is not None else None
+    if kind == "dask" and not has_prefect_server():
+        get_run_logger().warning(NO_SERVER_WARNING)
+    if kind != "dask" or is_dask_runner(current):
+        yield None
+        return
+    with make_task_runner("dask", address) as runner:
+        yield runner
 
 
 def describe_resume(run_id: str, validated: Validated, found: Survey) -> str:

@@ -1,18 +1,25 @@
 """Flow building blocks shared by ``evaluate`` and ``rescore``: composition, no logic of its own.
 
-* :func:`submit_batches` hands batch tasks to the task runner, at most a window at a time.
+* :func:`submit_batches` hands batch tasks to the task runner, at most a window at a time,
+  and keeps the flow run's progress artifact current as they finish.
 * :func:`run_judges` sends an ``llm_judge`` metric's judgements through the same batch tasks
   (cached, flushed and resumed exactly like generations) and loads them into the metric.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
+import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner
 
 from shardeval import interrupt
 from shardeval.errors import RunInterrupted
@@ -23,11 +30,16 @@ from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress
 from shardeval.results import conform
 from shardeval.runner import BatchWork, RunRef
-from shardeval.session import Validated
+from shardeval.session import Validated, reuse_map, stored_elsewhere
 from shardeval.storage import RunStore
-from tasks.batch import run_batch_task
+from tasks.aggregate import artifact_key
+from tasks.batch import PROCESS, batch_task_for
 
 DEFAULT_WINDOW = 16
+PROGRESS_UPDATE_S = 1.0
+"""The progress artifact is updated at most this often (one API call each)."""
+
+logger = logging.getLogger("shardeval.flows")
 
 
 def submit_batches(
@@ -36,34 +48,41 @@ def submit_batches(
     progress: RunProgress,
     *,
     window: int = DEFAULT_WINDOW,
+    runner: TaskRunner[Any] | None = None,
 ) -> list[str]:
     """Run ``(work, stale)`` batches; return descriptions of the batches that failed.
 
     ``stale`` batches are submitted with ``refresh_cache=True``: Prefect's record only stands
     when the committed Parquet does (see tasks/batch.py). The window bounds memory (a batch's
-    rendered requests exist only while it is queued or running).
+    rendered requests exist only while it is queued or running). Batches go to ``runner``
+    when given (a Dask runner opened by the flow for a ``task_runner: dask`` parameter), else
+    to the flow's own task runner.
     """
-    batch_task = run_batch_task
-    store = run.store()
-    if store.is_local:
-        # Cache records live with the run they describe (moved or deleted with it).
-        batch_task = run_batch_task.with_options(result_storage=Path(store.prefect_dir))
+    batch_task = batch_task_for(run)
     refresh = batch_task.with_options(refresh_cache=True)
+    report = _progress_artifact(progress)
     finished: queue.Queue[PrefectFuture[dict[str, Any]]] = queue.Queue()
     labels: dict[int, str] = {}
     failures: list[str] = []
     inflight = 0
     for work, stale in works:
         while inflight >= window:
-            inflight -= _collect(finished.get(), labels, failures)
+            inflight -= _collect(finished.get(), labels, failures, progress)
+            report.update(len(failures))
         if interrupt.stop_requested():
             break
-        future = (refresh if stale else batch_task).submit(work, run)
+        task = refresh if stale else batch_task
+        if runner is None:
+            future = task.submit(work, run)
+        else:
+            future = runner.submit(task, {"work": work, "run": run})
         labels[id(future)] = work.label
         future.add_done_callback(finished.put)
         inflight += 1
     while inflight:
-        inflight -= _collect(finished.get(), labels, failures)
+        inflight -= _collect(finished.get(), labels, failures, progress)
+        report.update(len(failures))
+    report.update(len(failures), final=True)
     if interrupt.stop_requested():
         raise RunInterrupted(
             f"stopped: {progress.done:,} of {progress.total:,} done; run the same command to resume"
@@ -72,7 +91,10 @@ def submit_batches(
 
 
 def _collect(
-    future: PrefectFuture[dict[str, Any]], labels: dict[int, str], failures: list[str]
+    future: PrefectFuture[dict[str, Any]],
+    labels: dict[int, str],
+    failures: list[str],
+    progress: RunProgress | None = None,
 ) -> int:
     future.wait()
     state = future.state
@@ -82,8 +104,95 @@ def _collect(
         except RunInterrupted:
             pass
         except Exception as exc:
-            failures.append(f"{labels.get(id(future), 'batch')}: {exc}")
+            label, text = labels.get(id(future), "batch"), str(exc)
+            failures.append(text if text.startswith(label) else f"{label}: {text}")
+    elif progress is not None:
+        _count_elsewhere(state, progress)
     return 1
+
+
+def _count_elsewhere(state: Any, progress: RunProgress) -> None:
+    """Count a batch whose body did not report to this process's counters.
+
+    That is a batch that came back Cached (its body did not run at all) or that ran in
+    another process (a Dask worker): its pointer says how many rows it holds and how many
+    requests it sent. Batches that ran in this process's threads counted themselves.
+    """
+    cached = state.name == "Cached"
+    try:
+        pointer = state.result()
+    except Exception:  # an unreadable record: the rows are still in the committed Parquet
+        return
+    if not isinstance(pointer, dict) or (not cached and pointer.get("process") == PROCESS):
+        return
+    rows = int(pointer.get("rows") or 0)
+    sent = 0 if cached else min(int(pointer.get("sent") or 0), rows)
+    errors = min(int(pointer.get("errors") or 0), sent)
+    progress.reused(rows - sent)
+    for _ in range(sent - errors):
+        progress.finished("ok")
+    for _ in range(errors):
+        progress.finished("error", "error")
+    progress.batch_finished()
+
+
+class _ProgressArtifact:
+    """The flow run's progress artifact (one per flow run and eval run).
+
+    Updated as batches finish: at most every ``PROGRESS_UPDATE_S``, and when a batch stage
+    ends. An artifact the API refuses is logged and given up on: it never fails the run.
+    """
+
+    def __init__(self, progress: RunProgress) -> None:
+        self.progress = progress
+        self.artifact_id: Any = None
+        self.last = 0.0
+        self.broken = False
+
+    def update(self, failed: int = 0, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.broken or (not final and now - self.last < PROGRESS_UPDATE_S):
+            return
+        self.last = now
+        p = self.progress
+        percent = min(100.0, 100.0 * p.done / p.total) if p.total else 100.0
+        description = (
+            f"{p.run_id}: {p.batches_done:,} of {p.batches_total:,} batches, "
+            f"{p.done:,} of {p.total:,} rows ({p.from_cache:,} from the cache, "
+            f"{p.sent:,} requests sent, {p.errors:,} error rows)"
+            + (f"; {failed} batch(es) failed" if failed else "")
+        )
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(
+                    progress=percent,
+                    key=artifact_key(p.run_id, "progress"),
+                    description=description,
+                )
+            else:
+                update_progress_artifact(self.artifact_id, percent, description=description)
+        except Exception as exc:
+            self.broken = True
+            _run_logger().warning("could not publish the progress artifact: %r", exc)
+
+
+def _run_logger() -> Any:
+    """The flow run's logger (its lines reach the Prefect UI), or this module's outside one."""
+    try:
+        return get_run_logger()
+    except Exception:
+        return logger
+
+
+_artifacts: dict[tuple[str, str], _ProgressArtifact] = {}
+
+
+def _progress_artifact(progress: RunProgress) -> _ProgressArtifact:
+    """The progress artifact of this flow run for ``progress``'s run (judges share it)."""
+    key = (str(flow_run.id or ""), progress.run_id)
+    if key not in _artifacts:
+        _artifacts[key] = _ProgressArtifact(progress)
+    return _artifacts[key]
 
 
 def judge_run_id(run_id: str, metric: Metric) -> str:
@@ -92,7 +201,12 @@ def judge_run_id(run_id: str, metric: Metric) -> str:
 
 
 def run_judges(
-    store: RunStore, validated: Validated, progress: RunProgress, *, window: int = DEFAULT_WINDOW
+    store: RunStore,
+    validated: Validated,
+    progress: RunProgress,
+    *,
+    window: int = DEFAULT_WINDOW,
+    runner: TaskRunner[Any] | None = None,
 ) -> list[str]:
     """Send every ``llm_judge`` metric's judgements; load them into the metrics' scorers."""
     failures: list[str] = []
@@ -109,9 +223,22 @@ def run_judges(
         committed = judge_store.list_batches()
         spec = validated.spec
         works = list(_judge_batches(judge_ref.run_id, requests, spec.batch_size, spec))
+        # Judgements stored under another batching (a batch size or dataset edit) are reused
+        # item by item, exactly like the run's own responses.
+        index = stored_elsewhere(judge_store, {w.key for w in works}, committed)
+        works = [
+            replace(w, reuse=reuse_map([r.key for r in w.requests], index))
+            if w.key not in committed
+            else w
+            for w in works
+        ]
         progress.plan(progress.total + len(requests), progress.batches_total + len(works), 0)
         failures += submit_batches(
-            ((w, w.key not in committed) for w in works), judge_ref, progress, window=window
+            ((w, w.key not in committed) for w in works),
+            judge_ref,
+            progress,
+            window=window,
+            runner=runner,
         )
         scorer.book = _load_judgements(judge_store, [w.key for w in works])
         judge_store.tidy()

@@ -29,6 +29,11 @@ from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError
 from shardeval.overrides import resolve_spec
 from shardeval.progress import progress_for
 
+try:  # typer >= 0.29 vendors click: its usage errors are not click's own exception classes
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # pragma: no cover - older typer raises click's exceptions
+    _TyperClickException = click.ClickException  # type: ignore[misc,assignment]
+
 app = typer.Typer(
     name="shardeval",
     help="Resumable, content-addressed LLM evaluations on Prefect.",
@@ -70,15 +75,34 @@ def run(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+    task_runner: Annotated[
+        str,
+        typer.Option(
+            "--task-runner",
+            help="Where batch tasks run: threads (this process) or dask (worker processes; "
+            "needs the [dask] extra and a Prefect server, see docs/distributed.md).",
+        ),
+    ] = "threads",
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            "--dask-address",
+            help="An existing Dask scheduler (tcp://host:8786) for --task-runner dask "
+            "(default: a local cluster of SHARDEVAL_DASK_WORKERS processes).",
+        ),
+    ] = None,
 ) -> None:
     """Run an eval (or resume it: the same command continues where it stopped)."""
     started = time.monotonic()
     _configure_logging(verbose)
     from shardeval.session import choose_run_id, validate_cached
     from shardeval.storage import RunStore
+    from shardeval.taskrunners import check_task_runner
+
+    runner_kind = check_task_runner(task_runner, dask_address)
 
     eval_spec = resolve_spec(_spec_source(spec), batch_size=batch_size, concurrency=concurrency)
-    validated = validate_cached(eval_spec, limit=limit)
+    validated = validate_cached(eval_spec, limit=limit, remember=True)
     chosen = choose_run_id(eval_spec, run_id, fresh=fresh)
     store = RunStore(output or eval_spec.output, chosen)
     if not retry_failed and _answer_from_storage(store, validated, started):
@@ -87,10 +111,17 @@ def run(
     progress = progress_for(chosen)
     with spinner("Loading Prefect...", enabled=show):
         from flows.evaluate import evaluate
+    flow_fn = evaluate
+    if runner_kind != "threads":
+        from shardeval.taskrunners import NO_SERVER_WARNING, has_prefect_server, make_task_runner
+
+        if not has_prefect_server():
+            err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
+        flow_fn = evaluate.with_options(task_runner=make_task_runner(runner_kind, dask_address))
     _start_prefect(show)
     _install_signal_handlers(eval_spec.grace_period_s)
     with live_progress(progress, enabled=not quiet):
-        summary = evaluate(
+        summary = flow_fn(
             spec=eval_spec.source or eval_spec.model_dump(),
             output=store.output,
             run_id=chosen,
@@ -99,6 +130,8 @@ def run(
             batch_size=batch_size,
             concurrency=concurrency,
             wait=wait,
+            task_runner=runner_kind,
+            dask_address=dask_address,
         )
     print_summary(
         summary,
@@ -216,6 +249,9 @@ def _answer_from_storage(store: Any, validated: Any, started: float) -> bool:
     ) == metrics_fingerprint(validated.metrics)
     if not current or not store.exists(store.results_path):
         return False
+    from shardeval.locking import RunLock
+
+    RunLock(store).clear_stale()  # left by a run killed between metrics.json and its release
     err_console.print(f"[dim]run {store.run_id} is complete and current: answered from storage[/]")
     print_summary(
         summary,
@@ -231,8 +267,11 @@ def _start_prefect(show: bool) -> None:
     """Start Prefect's API client (and its temporary server, without PREFECT_API_URL)."""
     from prefect.client.orchestration import get_client
 
-    if os.environ.get("PREFECT_API_URL"):
-        message = f"Connecting to Prefect at {os.environ['PREFECT_API_URL']}..."
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()  # the environment or the active Prefect profile
+    if api_url:
+        message = f"Connecting to Prefect at {api_url}..."
     else:
         message = (
             "Starting Prefect's temporary API server (10-20 s; "
@@ -276,6 +315,8 @@ def _configure_logging(verbose: bool) -> None:
     logger = logging.getLogger("shardeval")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    # What a run found when it started ("resuming run X: ...; dataset changed: ...").
+    logging.getLogger("shardeval.run").setLevel(logging.INFO)
 
 
 def main() -> None:
@@ -294,7 +335,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(EXIT_INTERRUPTED)
-    except click.ClickException as exc:
+    except (click.ClickException, _TyperClickException) as exc:
         exc.show()
         sys.exit(exc.exit_code)
 

@@ -7,8 +7,16 @@ the requests in flight finish within a grace period, flush what finished, and on
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+logger = logging.getLogger("shardeval.interrupt")
 
 _stop = threading.Event()
 _deadline: float | None = None
@@ -37,3 +45,56 @@ def reset() -> None:
     global _deadline
     _stop.clear()
     _deadline = None
+
+
+@contextmanager
+def graceful_signal(
+    signum: int, grace_period_s: float, *, defer: Callable[[], bool] | None = None
+) -> Iterator[None]:
+    """While the block runs, make ``signum`` request a graceful stop instead of its old action.
+
+    Prefect's flow engine replaces the SIGTERM handler for a flow run with one that raises
+    ``TerminationSignal`` in the main thread. The flow then unwinds at once: batches in worker
+    threads are never told to stop, the engine is closed under them, and their finished but
+    unflushed results are lost. Inside this block the first signal only sets the stop flag,
+    like the CLI's Ctrl-C: no new requests, ``grace_period_s`` for those in flight, flush, and
+    the run ends with ``RunInterrupted``. A second signal, or one for which ``defer()`` is true
+    (Prefect's runner cancelling a deployment run on purpose), gets the previous handler.
+
+    Outside the main thread (where handlers cannot be set) this does nothing.
+    """
+    try:
+        previous = signal.getsignal(signum)
+    except ValueError:
+        previous = None
+
+    def handler(number: int, frame: Any) -> None:
+        if stop_requested() or (defer is not None and defer()):
+            _call_previous(previous, number, frame)
+            return
+        logger.warning(
+            "stopping: no new requests; %gs for those in flight, then saving "
+            "(signal again to stop at once)",
+            grace_period_s,
+        )
+        request_stop(grace_period_s)
+
+    try:
+        signal.signal(signum, handler)
+    except (ValueError, TypeError):  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+
+def _call_previous(previous: Any, number: int, frame: Any) -> None:
+    if callable(previous):
+        previous(number, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    else:  # the default action (end the process): restore it and deliver the signal again
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)

@@ -6,7 +6,7 @@ process that finds it either refuses, naming the holder, or waits (``--wait``). 
 by a killed process never blocks forever: it is taken over when its holder is on this host
 and no longer alive, or when the lease has not been renewed for ``lease_s`` seconds (the only
 test possible across machines). On stores without conditional writes two processes racing in
-the same instant could both believe they won; see docs/storage.md.
+the same instant could both believe they won; see docs/storage-object.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from shardeval.errors import RunLockedError
+from shardeval import interrupt
+from shardeval.errors import RunInterrupted, RunLockedError
 from shardeval.storage import RunStore
 
 DEFAULT_LEASE_S = 60.0
@@ -81,16 +82,25 @@ class RunLock:
 
     def acquire(self, *, wait: bool = False, poll_s: float = 1.0) -> None:
         """Take the lease, or raise RunLockedError naming the holder (or wait for it)."""
+        # Look first: on a store that ignores conditional writes the create below would
+        # silently replace a live holder's lease; looking narrows that to a same-instant race.
+        record = self.holder()
         while True:
-            payload = json.dumps(self._record()).encode()
-            if self.store.create_exclusive(self.path, payload):
+            if record is None:
+                payload = json.dumps(self._record()).encode()
+                if self.store.create_exclusive(self.path, payload) and self._verify():
+                    self._start_heartbeat()
+                    return
+                record = self.holder()
+                if record is None:
+                    continue  # released between our attempt and our look: try again
+            if record.get("token") == self.token:
+                # Our create went through but its answer was lost, and the retry found it.
                 self._start_heartbeat()
                 return
-            record = self.holder()
-            if record is None:
-                continue  # released between our attempt and our look: try again
             if self.is_stale(record):
                 self._take_over(record)
+                record = None
                 continue
             if not wait:
                 raise RunLockedError(
@@ -100,7 +110,30 @@ class RunLock:
                     hint="wait for it to finish, pass --wait to queue behind it, or use "
                     "--run-id/--fresh for a separate run",
                 )
+            if interrupt.stop_requested():
+                raise RunInterrupted(
+                    f"stopped while waiting for run {self.store.run_id} (held by host "
+                    f"{record.get('host')}, pid {record.get('pid')})"
+                )
             time.sleep(poll_s)
+            record = self.holder()
+
+    def _verify(self) -> bool:
+        """Read the lease back: on a store without conditional writes a racer may have won."""
+        record = self.holder()
+        return record is not None and record.get("token") == self.token
+
+    def clear_stale(self) -> bool:
+        """Remove the lease if its holder is gone; True if one was removed.
+
+        For a process that finds the run complete and so never takes the lease: a run killed
+        after writing metrics.json but before releasing would otherwise leave lock.json behind.
+        """
+        record = self.holder()
+        if record is None or record.get("unreadable") or not self.is_stale(record):
+            return False
+        self._take_over(record)
+        return True
 
     def _take_over(self, record: dict[str, Any]) -> None:
         # Only delete the stale record we looked at; if someone else replaced it meanwhile,

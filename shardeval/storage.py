@@ -41,10 +41,22 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from shardeval.errors import StorageError
+from shardeval.objectstore import (
+    BLOCK_PROTOCOL,
+    S3_PROTOCOLS,
+    S3_UPLOAD_CONCURRENCY,
+    backend_errors,
+    describe_error,
+    filesystem_options,
+    resolve_block,
+    tune_filesystem,
+)
 
 logger = logging.getLogger("shardeval.storage")
 
 PARQUET_COMPRESSION = "zstd"
+_EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+"""The pyproject extra that brings each protocol's filesystem."""
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -62,18 +74,26 @@ class RunStore:
         self.output = output
         self.run_id = run_id
         protocol, base = split_url(output)
+        options = dict(storage_options or {})
+        if protocol == BLOCK_PROTOCOL:
+            protocol, base, block_options = resolve_block(output)
+            options = {**block_options, **options}
         self.protocol = protocol
         try:
             self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(
-                protocol, **(storage_options or {})
+                protocol, **filesystem_options(protocol, options)
             )
         except (ImportError, ValueError) as exc:
+            extra = _EXTRAS.get(protocol, "s3")
             raise StorageError(
                 f"cannot use output {output!r}: {exc}",
-                hint="install the extra for that storage (e.g. pip install 'shardeval[s3]')",
+                hint=f"install the extra for that storage: pip install 'shardeval[{extra}]'",
             ) from exc
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.is_s3 = protocol in S3_PROTOCOLS
         self.root = posixpath.join(base, "runs", run_id)
+        # Creating the S3 client can fail (e.g. a profile that does not exist).
+        self._guard("connect to", base, lambda: tune_filesystem(self.fs, protocol))
 
     # ----------------------------------------------------------------- layout
     def path(self, *parts: str) -> str:
@@ -121,8 +141,15 @@ class RunStore:
 
     def list_batches(self) -> set[str]:
         """Keys of every committed batch file (one listing call)."""
-        names = self._list(self.path("batches"))
-        return {posixpath.basename(n)[: -len(".parquet")] for n in names if n.endswith(".parquet")}
+        directory = self.path("batches")
+        # On S3 a prefix listing: one LIST even when batches/ is empty (ls would list the
+        # parent too). batches/ is flat, so it returns the same names.
+        names = self._find(directory) if self.is_s3 else self._list(directory)
+        return {
+            posixpath.basename(n)[: -len(".parquet")]
+            for n in names
+            if n.endswith(".parquet") and posixpath.dirname(n) == directory
+        }
 
     def list_parts(self) -> dict[str, list[str]]:
         """In-progress parts by batch key (one recursive listing)."""
@@ -152,6 +179,11 @@ class RunStore:
     def _find(self, path: str) -> list[str]:
         def run() -> list[str]:
             try:
+                if self.is_s3:
+                    # One paginated LIST: a plain find of an absent prefix adds a HEAD and
+                    # a second LIST to tell "no such directory" from "a file of that name".
+                    parent, name = posixpath.split(path)
+                    return [str(n) for n in self.fs.find(parent, prefix=f"{name}/")]
                 return [str(n) for n in self.fs.find(path)]
             except FileNotFoundError:
                 return []
@@ -185,19 +217,22 @@ class RunStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             return True
-        try:
-            with self.fs.open(path, "xb") as handle:
-                handle.write(data)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            self._invalidate(path)
-            if self.fs.exists(path):
+
+        def attempt() -> bool:
+            try:
+                with self.fs.open(path, "xb") as handle:
+                    handle.write(data)
+            except FileExistsError:
                 return False
-            raise StorageError(f"cannot create {self.url_of(path)}: {exc}") from exc
-        finally:
-            self._invalidate(path)
-        return True
+            except backend_errors():
+                if self.fs.exists(path):
+                    return False
+                raise
+            finally:
+                self._invalidate(path)
+            return True
+
+        return bool(self._guard("create", path, attempt))
 
     def write_json(self, path: str, value: Any) -> None:
         """Write pretty, key-sorted JSON atomically."""
@@ -235,11 +270,17 @@ class RunStore:
                 os.replace(tmp, path)
                 self._fsync_dir(posixpath.dirname(path))
             else:
-                self._guard("write", path, lambda: self.fs.put_file(tmp, path))
+                self._guard("write", path, lambda: self._upload(tmp, path))
                 self._invalidate(path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def _upload(self, local: str, path: str) -> None:
+        if self.is_s3:  # parts of a multipart upload go up concurrently (reads are single GETs)
+            self.fs.put_file(local, path, max_concurrency=S3_UPLOAD_CONCURRENCY)
+        else:
+            self.fs.put_file(local, path)
 
     def _tmp_name(self, path: str) -> str:
         return self.path(".tmp", f"{posixpath.basename(path)}.{secrets.token_hex(6)}")
@@ -371,9 +412,9 @@ class RunStore:
             raise
         except (FileNotFoundError, FileExistsError):
             raise
-        except (OSError, RuntimeError, ValueError) as exc:
+        except backend_errors() as exc:
             raise StorageError(
-                f"storage failed to {action} {self.url_of(path)}: {type(exc).__name__}: {exc}",
+                f"storage failed to {action} {self.url_of(path)}: {describe_error(exc)}",
                 hint="check that the store is reachable and the credentials are valid; "
                 "everything already committed is kept, rerun the same command to resume",
             ) from exc

@@ -20,8 +20,8 @@ from shardeval.reporting import metrics_rows, summary_markdown
 from shardeval.storage import RunStore
 
 
-def _artifact_key(run_id: str, suffix: str) -> str:
-    # Artifact keys allow lowercase letters, digits and dashes only.
+def artifact_key(run_id: str, suffix: str) -> str:
+    """A valid artifact key for a run: lowercase letters, digits and dashes only."""
     safe = "".join(c if c.isalnum() else "-" for c in run_id.lower()).strip("-")
     return f"{safe[:50]}-{suffix}"
 
@@ -39,13 +39,17 @@ def aggregate(
     done = finalize(store, plan, metrics, started_at=started_at, finished_at=finished_at)
     summary = done.metrics_json
     create_table_artifact(
-        key=_artifact_key(store.run_id, "metrics"),
+        key=artifact_key(store.run_id, "metrics"),
         table=metrics_rows(summary),
         description=f"Metrics of {store.run_id} (mean, 95% CI, n)",
     )
+    markdown = summary_markdown(summary, run_stats, done.results_uri, done.metrics_uri)
+    if "errors by kind" not in markdown:
+        # Say so when there were none, rather than leave the reader wondering.
+        markdown = markdown.replace("\n\n- results:", "\n- errors by kind: none\n\n- results:", 1)
     create_markdown_artifact(
-        key=_artifact_key(store.run_id, "summary"),
-        markdown=summary_markdown(summary, run_stats, done.results_uri, done.metrics_uri),
+        key=artifact_key(store.run_id, "summary"),
+        markdown=markdown,
         description=f"Summary of {store.run_id}",
     )
     return summary

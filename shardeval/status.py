@@ -1,0 +1,384 @@
+"""What a run holds, read from its storage alone: ``shardeval status RUN_ID``.
+
+Meant for another terminal while a run is going on, or after it died: it never writes, never
+takes the lock and never sets a damaged file aside (that is the lock holder's job), and it
+does not import Prefect. The cost is bounded and independent of how long the run has been
+going on:
+
+* three listings: ``parts/`` (recursive), ``batches/`` and ``quarantine/``;
+* small reads: ``spec.json``, ``plan.parquet`` (one column), ``lock.json``, ``metrics.json``;
+* one read per committed batch file and per part, decoding only the columns it counts
+  (``item_key``, ``status``, ``error_kind`` and the two token counts, never the responses).
+  On object stores these reads go out in one concurrent ``cat`` call.
+
+Parts are listed *before* batches: a batch that commits in between deletes its parts only
+after its file is written, so it is seen either way. A part that vanished between the listing
+and the read makes us list ``batches/`` once more.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from shardeval.errors import EXIT_USAGE, ShardevalError
+from shardeval.hashing import batch_key, digest
+from shardeval.locking import RunLock
+from shardeval.storage import RunStore
+
+COUNT_COLUMNS = ["item_key", "status", "error_kind", "prompt_tokens", "completion_tokens"]
+
+
+class RunNotFound(ShardevalError):
+    """There is no run with that id under that output (exit 2: a wrong argument)."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclass
+class RunStatus:
+    """A snapshot of one run's storage."""
+
+    run_id: str
+    url: str
+    name: str | None = None
+    total: int | None = None
+    """Rows (items × trials) of the latest attempt's plan; None before the plan is written."""
+    done: int = 0
+    """Plan rows with a stored final result (ok or error)."""
+    ok: int = 0
+    error: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    batches_total: int | None = None
+    batches_committed: int = 0
+    batches_in_progress: int = 0
+    """Plan batches with flushed parts and no committed file yet."""
+    parts: int = 0
+    stored_outside_plan: int = 0
+    """Rows stored for items the latest plan no longer has (older dataset or prompt)."""
+    unreadable: list[str] = field(default_factory=list)
+    """Files that did not parse; the next run sets them aside and recomputes their items."""
+    quarantined: int = 0
+    holder: dict[str, Any] | None = None
+    """The lock.json record when a process holds (or held) the run."""
+    holder_stale: bool | None = None
+    """Whether that holder is gone (dead pid on this host, or lease expired)."""
+    complete: bool = False
+    """metrics.json exists: the run finished."""
+    current: bool = False
+    """...and it was written for the latest plan."""
+    metrics: dict[str, Any] | None = None
+    list_calls: int = 0
+
+    @property
+    def held(self) -> bool:
+        """Whether a live process holds the run right now."""
+        return self.holder is not None and not self.holder_stale
+
+    @property
+    def state(self) -> str:
+        """``running``, ``complete``, ``stopped`` (unfinished, nobody holds it) or ``empty``."""
+        if self.held:
+            return "running"
+        if self.complete and self.current:
+            return "complete"
+        if self.complete:
+            return "complete (older plan)"
+        if self.total is None and not self.done:
+            return "empty"
+        return "stopped"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``shardeval status --json``)."""
+        return {
+            "run_id": self.run_id,
+            "url": self.url,
+            "name": self.name,
+            "state": self.state,
+            "total": self.total,
+            "done": self.done,
+            "ok": self.ok,
+            "error": self.error,
+            "errors_by_kind": self.errors_by_kind,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            },
+            "batches": {
+                "total": self.batches_total,
+                "committed": self.batches_committed,
+                "in_progress": self.batches_in_progress,
+                "parts": self.parts,
+            },
+            "stored_outside_plan": self.stored_outside_plan,
+            "unreadable": self.unreadable,
+            "quarantined": self.quarantined,
+            "holder": self.holder,
+            "holder_stale": self.holder_stale,
+            "held": self.held,
+            "complete": self.complete,
+            "current": self.current,
+        }
+
+
+def read_status(
+    output: str, run_id: str, storage_options: dict[str, Any] | None = None
+) -> RunStatus:
+    """Read what ``<output>/runs/<run_id>`` holds (see the module docstring for the cost)."""
+    store = RunStore(output, run_id, storage_options)
+    if not store.exists(store.root):
+        raise RunNotFound(_not_found_message(store, run_id), hint=_not_found_hint(store))
+    status = RunStatus(run_id=run_id, url=store.url())
+
+    parts = store.list_parts()
+    committed = store.list_batches()
+    quarantined = store._list(store.path("quarantine"))
+    status.list_calls = 3
+    status.quarantined = len(quarantined)
+
+    spec = _json(store.read_bytes(store.spec_path))
+    plan_keys = _plan_keys(store)
+    metrics = _json(store.read_bytes(store.metrics_path))
+    lock = RunLock(store)
+    status.holder = lock.holder()
+    if status.holder is not None:
+        status.holder_stale = lock.is_stale(status.holder)
+
+    if isinstance(spec, dict):
+        status.name = (spec.get("spec") or {}).get("name")
+    if isinstance(metrics, dict) and metrics.get("complete"):
+        status.complete = True
+        status.metrics = metrics
+        status.name = status.name or metrics.get("name")
+        status.current = isinstance(spec, dict) and metrics.get("plan_fingerprint") == spec.get(
+            "plan_fingerprint"
+        )
+
+    plan_batches = _plan_batches(plan_keys, spec)
+    if plan_keys is not None:
+        status.total = len(plan_keys)
+    if plan_batches is not None:
+        status.batches_total = len(plan_batches)
+        status.batches_committed = len(plan_batches & committed)
+        status.batches_in_progress = len((plan_batches & set(parts)) - committed)
+    else:
+        status.batches_committed = len(committed)
+    part_paths = [path for paths in parts.values() for path in paths]
+    status.parts = len(part_paths)
+
+    batch_paths = [store.batch_path(key) for key in sorted(committed)]
+    tables, missing_parts = _read_tables(store, batch_paths + part_paths, status)
+    if missing_parts:  # some batch committed (and removed its parts) while we were reading
+        again = store.list_batches() - committed
+        status.list_calls += 1
+        more, _ = _read_tables(store, [store.batch_path(k) for k in sorted(again)], status)
+        tables += more
+        if plan_batches is not None:
+            status.batches_committed += len(plan_batches & again)
+            status.batches_in_progress -= len(plan_batches & again)
+    _count(status, tables, plan_keys)
+    return status
+
+
+def _not_found_message(store: RunStore, run_id: str) -> str:
+    return f"no run {run_id!r} under {store.url_of(posixpath.dirname(store.root))}"
+
+
+def _not_found_hint(store: RunStore) -> str:
+    runs_dir = posixpath.dirname(store.root)
+    try:
+        names = sorted(posixpath.basename(p) for p in store._list(runs_dir))
+    except ShardevalError:
+        names = []
+    if not names:
+        return "pass --output with the run's output location (the spec's `output`)"
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    return f"runs stored there: {shown}; or pass --output with another location"
+
+
+def _json(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def _plan_keys(store: RunStore) -> list[str] | None:
+    data = store.read_bytes(store.plan_path)
+    if data is None:
+        return None
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=["item_key"])
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+    return [str(k) for k in table.column("item_key").to_pylist()]
+
+
+def _plan_batches(plan_keys: list[str] | None, spec: Any) -> set[str] | None:
+    """The batch keys of the latest plan (its rows cut by the batch size in spec.json)."""
+    if plan_keys is None or not isinstance(spec, dict):
+        return None
+    size = (spec.get("spec") or {}).get("batch_size")
+    if not isinstance(size, int) or size <= 0:
+        return None
+    keys = [batch_key(plan_keys[i : i + size]) for i in range(0, len(plan_keys), size)]
+    if spec.get("plan_fingerprint") not in (None, digest(keys)):
+        return None  # spec.json and plan.parquet are from different attempts (a kill between)
+    return set(keys)
+
+
+def _read_tables(
+    store: RunStore, paths: list[str], status: RunStatus
+) -> tuple[list[pa.Table], bool]:
+    """Decode the counted columns of every file; (tables, whether a listed file vanished)."""
+    if not paths:
+        return [], False
+    try:
+        blobs = store.fs.cat(paths, on_error="return")
+    except FileNotFoundError:
+        blobs = {}
+    if not isinstance(blobs, dict):  # a single path comes back as bytes
+        blobs = {paths[0]: blobs}
+    tables = []
+    vanished = False
+    for path in paths:
+        data = blobs.get(path) if path in blobs else blobs.get(store.url_of(path))
+        if data is None or isinstance(data, FileNotFoundError):
+            vanished = True
+            continue
+        if isinstance(data, BaseException):
+            status.unreadable.append(store.url_of(path))
+            continue
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+            columns = [c for c in COUNT_COLUMNS if c in pf.schema_arrow.names]
+            table = pf.read(columns=columns)
+        except (pa.ArrowException, OSError, ValueError):
+            status.unreadable.append(store.url_of(path))
+            continue
+        tables.append(_counted(table))
+    return tables, vanished
+
+
+def _counted(table: pa.Table) -> pa.Table:
+    arrays = []
+    for name in COUNT_COLUMNS:
+        kind = pa.int64() if name.endswith("_tokens") else pa.string()
+        if name in table.column_names:
+            arrays.append(table.column(name).cast(kind))
+        else:
+            arrays.append(pa.nulls(table.num_rows, kind))
+    return pa.Table.from_arrays(arrays, names=COUNT_COLUMNS)
+
+
+def _count(status: RunStatus, tables: list[pa.Table], plan_keys: list[str] | None) -> None:
+    """One row per stored key (an ok row wins), then totals over the plan's keys."""
+    if not tables:
+        return
+    rows = pa.concat_tables(tables)
+    rows = rows.filter(pc.is_in(rows.column("status"), value_set=pa.array(["ok", "error"])))
+    rank = pc.cast(pc.not_equal(rows.column("status"), "ok"), pa.int8())
+    rows = rows.append_column("rank", rank).sort_by(
+        [("item_key", "ascending"), ("rank", "ascending")]
+    )
+    unique = pc.unique(rows.column("item_key"))
+    best = rows.take(pc.index_in(unique, value_set=rows.column("item_key")))
+    if plan_keys is not None:
+        in_plan = pc.is_in(best.column("item_key"), value_set=pa.array(plan_keys, pa.string()))
+        status.stored_outside_plan = best.num_rows - int(pc.sum(in_plan).as_py() or 0)
+        best = best.filter(in_plan)
+    status.done = best.num_rows
+    ok = pc.equal(best.column("status"), "ok")
+    status.ok = int(pc.sum(ok).as_py() or 0)
+    status.error = status.done - status.ok
+    kinds = pc.value_counts(pc.filter(best.column("error_kind"), pc.invert(ok)))
+    status.errors_by_kind = {
+        str(k["values"] or "error"): int(k["counts"]) for k in kinds.to_pylist()
+    }
+    status.prompt_tokens = int(pc.sum(best.column("prompt_tokens")).as_py() or 0)
+    status.completion_tokens = int(pc.sum(best.column("completion_tokens")).as_py() or 0)
+
+
+# ---------------------------------------------------------------------------------- display
+def render_status(status: RunStatus) -> Group:
+    """A Rich table of a status, with a line on who holds the run."""
+    table = Table(
+        title=f"{status.name or 'run'} · {status.run_id}", title_justify="left", show_header=False
+    )
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    styles = {"running": "cyan", "complete": "green", "stopped": "yellow"}
+    table.add_row("state", Text(status.state, style=styles.get(status.state, "")))
+    if status.total is None:
+        table.add_row("items", f"{status.done:,} done (no plan written yet)")
+    else:
+        share = f" ({status.done / status.total:.1%})" if status.total else ""
+        table.add_row("items", f"{status.done:,} of {status.total:,} done{share}")
+    table.add_row("ok / error", f"{status.ok:,} / {status.error:,}")
+    if status.errors_by_kind:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(status.errors_by_kind.items()))
+        table.add_row("errors by kind", kinds)
+    batches = f"{status.batches_committed:,}"
+    if status.batches_total is not None:
+        batches += f" of {status.batches_total:,} committed"
+    else:
+        batches += " committed"
+    if status.batches_in_progress or status.parts:
+        batches += f"; {status.batches_in_progress:,} in progress ({status.parts:,} parts)"
+    table.add_row("batches", batches)
+    table.add_row(
+        "tokens",
+        f"{status.prompt_tokens:,} prompt · {status.completion_tokens:,} completion",
+    )
+    table.add_row("held by", _holder_text(status))
+    if status.complete:
+        table.add_row(
+            "metrics.json",
+            "written" + ("" if status.current else " (for an older plan; a rerun updates it)"),
+        )
+    if status.stored_outside_plan:
+        table.add_row(
+            "other rows", f"{status.stored_outside_plan:,} stored for items not in the latest plan"
+        )
+    if status.unreadable:
+        table.add_row(
+            "unreadable",
+            Text(
+                f"{len(status.unreadable):,} file(s); the next run sets them aside and "
+                "recomputes their items",
+                style="red",
+            ),
+        )
+    if status.quarantined:
+        table.add_row("quarantine", f"{status.quarantined:,} file(s) set aside")
+    table.add_row("location", status.url)
+    return Group(table)
+
+
+def _holder_text(status: RunStatus) -> Text:
+    record = status.holder
+    if record is None:
+        return Text("nobody", style="dim")
+    if record.get("unreadable"):
+        return Text("lock.json is being rewritten or is damaged", style="yellow")
+    who = f"host {record.get('host')}, pid {record.get('pid')}, since {record.get('since')}"
+    renewed = record.get("renewed_at")
+    if isinstance(renewed, int | float):
+        who += f" (lease renewed {max(0.0, time.time() - renewed):.0f}s ago)"
+    if status.holder_stale:
+        return Text(f"nobody: stale lock from {who}; the next run takes it over", style="yellow")
+    return Text(who, style="cyan")

@@ -1,0 +1,92 @@
+"""A damaged file never fails a run nor lies: it is set aside and its items are recomputed."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from shardeval.status import read_status
+from shardeval.testing.server import ServerConfig, TestServer
+from tests.crash.test_kill_resume import (
+    BATCH_SIZE,
+    CONCURRENCY,
+    output_of,
+    start_run,
+    wait_for_answers,
+)
+from tests.helpers.specs import write_spec
+
+N_ITEMS = 400
+
+
+@pytest.fixture
+def slow_server() -> Iterator[TestServer]:
+    """The test server in its own process, 20-50 ms per answer."""
+    with TestServer.start_subprocess(ServerConfig(latency_min=0.02, latency_max=0.05)) as server:
+        yield server
+
+
+def truncate(path: Path) -> list[str]:
+    """Cut a Parquet file in half; return the item keys it held."""
+    keys = pq.read_table(path, columns=["item_key"]).column("item_key").to_pylist()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return keys
+
+
+def test_truncated_batch_and_part_are_set_aside_and_only_their_items_recomputed(
+    tmp_path: Path, prefect_api: str, slow_server: TestServer
+) -> None:
+    spec = write_spec(
+        tmp_path / "eval",
+        base_url=slow_server.url,
+        n_items=N_ITEMS,
+        batch_size=BATCH_SIZE,
+        model={"concurrency": CONCURRENCY},
+        flush_every_items=8,
+    )
+    output = tmp_path / "eval" / "runs"
+    logs = tmp_path / "logs"
+
+    # Kill a run once some batches are committed and a later one has flushed parts: stall the
+    # server after a while, give the time-based flush a moment, then kill.
+    process = start_run(spec, prefect_api, logs)
+    assert wait_for_answers(slow_server, process, 2 * BATCH_SIZE + 30), output_of(logs)
+    slow_server.configure(latency_min=30.0, latency_max=30.0)
+    time.sleep(2.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    slow_server.configure(latency_min=0.02, latency_max=0.05)
+    run_dir = next((output / "runs").iterdir())
+    batches = sorted((run_dir / "batches").glob("*.parquet"))
+    parts = sorted((run_dir / "parts").glob("*/*.parquet"))
+    assert len(batches) >= 2 and parts, f"{len(batches)} batches, {len(parts)} parts"
+
+    damaged = truncate(batches[0]) + truncate(parts[0])
+    before = read_status(str(output), run_dir.name)
+    assert len(before.unreadable) == 2
+    slow_server.reset()
+
+    rerun = start_run(spec, prefect_api, logs)
+    assert rerun.wait(timeout=300) == 0, output_of(logs)
+    said = output_of(logs)
+    assert said.count("set aside") >= 2, said
+
+    quarantined = sorted(p.name for p in (run_dir / "quarantine").iterdir())
+    assert len(quarantined) == 2, quarantined
+    assert any(batches[0].name in name for name in quarantined)
+    assert any(parts[0].name in name for name in quarantined)
+
+    # Exactly the items not stored (the damaged files' among them) were sent again.
+    stats = slow_server.stats()
+    assert stats["requests"] == N_ITEMS - before.done
+    assert before.done <= N_ITEMS - len(damaged)
+    results = pq.read_table(run_dir / "results.parquet")
+    assert results.num_rows == N_ITEMS
+    assert set(results.column("status").to_pylist()) == {"ok"}
+    assert set(damaged) <= set(results.column("item_key").to_pylist())
