@@ -266,7 +266,6 @@ def _answer_from_storage(store: Any, validated: Any, started: float) -> bool:
 def _start_prefect(show: bool) -> None:
     """Start Prefect's API client (and its temporary server, without PREFECT_API_URL)."""
     from prefect.client.orchestration import get_client
-
     from prefect.settings import PREFECT_API_URL
 
     api_url = PREFECT_API_URL.value()  # the environment or the active Prefect profile

@@ -51,8 +51,8 @@ def finalize(
     chunks: list[pa.Table] = []
     groups: list[str] = []
     score_errors: Counter[str] = Counter()
-    for batch in plan.batches:
-        stored = store.read_table(store.batch_path(batch.key))
+    paths = [store.batch_path(batch.key) for batch in plan.batches]
+    for batch, stored in zip(plan.batches, store.read_tables(paths), strict=True):
         if stored is None:
             raise FileNotFoundError(f"committed batch {batch.key} vanished before finalizing")
         rows = plan.rows.slice(batch.start, batch.stop - batch.start)

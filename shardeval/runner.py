@@ -196,8 +196,9 @@ def _read_committed(store: RunStore, work: BatchWork) -> int | None:
 def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]:
     """Rows already stored for this batch, and the parts that were read.
 
-    Sources are the batch's own parts, then other files the plan named; the parts read are
-    deleted once the batch is committed.
+    Sources are the batch's own parts, then other files the plan named (and, with
+    ``retry_failed``, its own committed file); the parts read are deleted once the batch is
+    committed.
     """
     wanted = {r.key for r in work.requests}
     tables = []
@@ -205,6 +206,10 @@ def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]
     own_parts = store.list_batch_parts(work.key)
     sources: list[tuple[str, set[str] | None]] = [(path, None) for path in own_parts]
     sources += [(path, set(keys)) for path, keys in work.reuse.items()]
+    if work.retry_failed:
+        # The committed file of a batch being retried for its error rows: its ok rows stand
+        # (the caller drops the error rows), so only the failed items are sent again.
+        sources.append((store.batch_path(work.key), wanted))
     for path, keys in sources:
         table = store.read_table(path)
         if table is None:

@@ -55,6 +55,7 @@ from shardeval.objectstore import (
 logger = logging.getLogger("shardeval.storage")
 
 PARQUET_COMPRESSION = "zstd"
+READ_CONCURRENCY = 32
 _EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 """The pyproject extra that brings each protocol's filesystem."""
 
@@ -343,11 +344,40 @@ class RunStore:
             self.quarantine(path, f"not valid JSON: {exc}")
             return None
 
+    def read_tables(
+        self, paths: list[str], columns: list[str] | None = None
+    ) -> Iterator[pa.Table | None]:
+        """:meth:`read_table` of many files, fetched concurrently on object stores.
+
+        Reads go out ``READ_CONCURRENCY`` at a time (one round trip per group instead of one
+        per file), which is what finalizing a run on S3 spends most of its time on.
+        """
+        if self.is_local:
+            for path in paths:
+                yield self.read_table(path, columns)
+            return
+        for start in range(0, len(paths), READ_CONCURRENCY):
+            group = paths[start : start + READ_CONCURRENCY]
+            fetched = self._guard(
+                "read", group[0], lambda g=group: self.fs.cat(g, on_error="return")
+            )
+            for path in group:
+                data = fetched.get(path)
+                if isinstance(data, FileNotFoundError) or data is None:
+                    yield None
+                elif isinstance(data, BaseException):
+                    yield self.read_table(path, columns)  # retried alone, errors reported
+                else:
+                    yield self._parse_table(path, bytes(data), columns)
+
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table | None:
         """A Parquet file (column-pruned), None if missing; set aside if it does not parse."""
         data = self.read_bytes(path)
         if data is None:
             return None
+        return self._parse_table(path, data, columns)
+
+    def _parse_table(self, path: str, data: bytes, columns: list[str] | None) -> pa.Table | None:
         try:
             return pq.read_table(pa.BufferReader(data), columns=columns)
         except (pa.ArrowException, OSError, ValueError) as exc:

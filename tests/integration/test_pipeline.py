@@ -288,15 +288,6 @@ def test_fresh_starts_a_new_run_and_leaves_the_old_one_untouched(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: the CLI never says what changed in the dataset since the last attempt (design: "
-        "'it says what changed (items added, removed, edited)'): the flow only logs it through "
-        "Prefect's run logger, whose console output the CLI silences, and print_summary() "
-        "has no such line."
-    ),
-)
 def test_rerun_after_a_dataset_edit_says_what_changed(run_cli: RunCli, tmp_path: Path) -> None:
     items = arith_items(10, seed=9)
     spec = write_spec(tmp_path / "eval", items=items)  # the offline python model
