@@ -38,7 +38,17 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], str]:
         port = sock.getsockname()[1]
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -113,8 +123,10 @@ def main() -> None:
             prefect_process, api = start_prefect_server(work / "prefect-home")
         modes.append(("standing Prefect server", api))
     modes.append(("ephemeral Prefect", None))
-    print(f"{args.items} items, latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}, "
-          f"batch size {args.batch_size}: ideal N*latency/concurrency = {ideal:.3f} s")
+    print(
+        f"{args.items} items, latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}, "
+        f"batch size {args.batch_size}: ideal N*latency/concurrency = {ideal:.3f} s"
+    )
     try:
         for label, api in modes:
             spec_dir = work / label.split()[0]

@@ -25,7 +25,6 @@ from shardeval.testing.server import ServerConfig, TestServer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     """Give the session its own Prefect home, so no cache record leaks between sessions."""
     import tempfile
@@ -62,7 +61,17 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     log = open(home / "server.log", "wb")  # noqa: SIM115 - closed in the finally below
     process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -106,7 +115,9 @@ def cli_env(prefect_api: str | None = None, **extra: str) -> dict[str, str]:
 def run_cli(prefect_api: str) -> Any:
     """Run ``shardeval`` as a subprocess against the session's Prefect server."""
 
-    def run(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, cwd: Path | None = None, timeout: float = 300, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "shardeval", *args],
             cwd=cwd,

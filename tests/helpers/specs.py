@@ -52,7 +52,11 @@ def write_spec(
             "timeout_s": 10,
         }
     else:
-        model = {"provider": "python", "function": "shardeval.testing.models:arith", "concurrency": 8}
+        model = {
+            "provider": "python",
+            "function": "shardeval.testing.models:arith",
+            "concurrency": 8,
+        }
     model.update(overrides.pop("model", {}))
     spec: dict[str, Any] = {
         "name": name,
