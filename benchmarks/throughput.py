@@ -124,8 +124,8 @@ def main() -> None:
         modes.append(("standing Prefect server", api))
     modes.append(("ephemeral Prefect", None))
     print(
-        f"{args.items} items, latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}, "
-        f"batch size {args.batch_size}: ideal N*latency/concurrency = {ideal:.3f} s"
+        f"{args.items} items, latency {args.latency * 1000:.0f} ms, "
+        f"concurrency {args.concurrency}, batch size {args.batch_size}: ideal N*latency/concurrency = {ideal:.3f} s"
     )
     try:
         for label, api in modes:
