@@ -125,7 +125,8 @@ def main() -> None:
     modes.append(("ephemeral Prefect", None))
     print(
         f"{args.items} items, latency {args.latency * 1000:.0f} ms, "
-        f"concurrency {args.concurrency}, batch size {args.batch_size}: ideal N*latency/concurrency = {ideal:.3f} s"
+        f"concurrency {args.concurrency}, batch size {args.batch_size}: "
+        f"ideal N*latency/concurrency = {ideal:.3f} s"
     )
     try:
         for label, api in modes:
