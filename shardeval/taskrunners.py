@@ -126,6 +126,14 @@ def make_task_runner(kind: str = "threads", address: str | None = None) -> Any:
 
     if address:
         return DaskTaskRunner(address=address)
+    # Dask workers sample every thread's stack every 10 ms (sys._current_frames). On CPython
+    # before 3.11.9 / 3.12.3 that can deadlock a worker holding the GIL when a garbage
+    # collection frees a threading.local meanwhile (python/cpython#106883): observed here as
+    # runs that hang for minutes until the scheduler drops the worker and reruns its batches.
+    # The local cluster's workers inherit this process's Dask config (through their nannies).
+    import dask
+
+    dask.config.set({"distributed.worker.profile.enabled": False})
     workers = dask_workers()
     return DaskTaskRunner(
         cluster_kwargs={

@@ -427,11 +427,17 @@ class SeaweedBackend(S3Backend):
         raise RuntimeError(f"SeaweedFS did not start within {timeout:g} s: {self.log_tail()}")
 
     def _s3_ready(self) -> bool:
+        """Listing answers before the volume server has registered: also write and read back
+        an object, or the first reads after a restart fail with InternalError."""
         try:
-            self.filesystem().ls("")
+            fs = self.filesystem()
+            fs.ls("")
+            if not fs.exists("shardeval-ready"):
+                fs.mkdir("shardeval-ready")
+            fs.pipe_file("shardeval-ready/probe", b"ok")
+            return bool(fs.cat_file("shardeval-ready/probe") == b"ok")
         except Exception:
             return False
-        return True
 
     def stop(self) -> None:
         """SIGKILL (SeaweedFS keeps what it acknowledged) and wait."""
