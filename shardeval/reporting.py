@@ -58,6 +58,19 @@ def summary_markdown(
         f"- requests sent this attempt: {run_stats.get('sent', 0):,}; "
         f"rows from the cache: {run_stats.get('from_cache', 0):,}",
     ]
+    groups = summary.get("by_group") or {}
+    if groups:
+        names = sorted({m for g in groups.values() for m in g.get("metrics", {})})
+        lines += [
+            "",
+            f"## By {', '.join(summary.get('group_by', []))}",
+            "",
+            "| group | rows | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        for label, group in groups.items():
+            cells = [_fmt(group["metrics"].get(m, {}).get("mean")) for m in names]
+            lines.append(f"| {label} | {group['n_rows']} | " + " | ".join(cells) + " |")
     errors = summary.get("errors_by_kind") or {}
     if errors:
         lines.append("- errors by kind: " + ", ".join(f"{k}: {v}" for k, v in errors.items()))
