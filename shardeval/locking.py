@@ -28,7 +28,8 @@ from shardeval.storage import RunStore
 DEFAULT_LEASE_S = 60.0
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -75,7 +76,7 @@ class RunLock:
     def is_stale(self, record: dict[str, Any]) -> bool:
         """Whether a lease's holder is gone (same host, dead pid) or its lease expired."""
         same_host = record.get("host") == socket.gethostname()
-        if same_host and isinstance(record.get("pid"), int) and not _pid_alive(record["pid"]):
+        if same_host and isinstance(record.get("pid"), int) and not pid_alive(record["pid"]):
             return True
         renewed = float(record.get("renewed_at", 0))
         return time.time() - renewed > float(record.get("lease_s", self.lease_s))

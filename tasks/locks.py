@@ -27,19 +27,11 @@ from typing import Any
 
 from prefect.locking.protocol import LockManager
 
+from shardeval.locking import pid_alive
+
 POLL_S = 0.05
 UNREADABLE_GRACE_S = 10.0
 """A lock file that is still empty after this long was left by a holder killed mid-write."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class BatchLockManager(LockManager):
@@ -92,7 +84,7 @@ class BatchLockManager(LockManager):
             return True
         if record.get("host") == socket.gethostname():
             pid = record.get("pid")
-            return isinstance(pid, int) and not _pid_alive(pid)
+            return isinstance(pid, int) and not pid_alive(pid)
         return time.time() - float(record.get("at", 0)) > self.stale_after_s
 
     def _live_record(self, key: str) -> dict[str, Any] | None:
