@@ -36,8 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from shardeval.overrides import resolve_spec  # noqa: E402
 from shardeval.session import choose_run_id, validate  # noqa: E402
 from shardeval.storage import RunStore  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer, prompt_key  # noqa: E402
+from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 
 
 def free_port() -> int:
@@ -61,37 +62,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def prefect_server(home: Path):
+def prefect_server(home: Path) -> Iterator[str]:
     """A ``prefect server`` for the benchmark's lifetime; yields its API URL."""
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    with open(home / "server.log", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}/api"
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("prefect server did not start; see " + str(home))
-                time.sleep(0.5)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    process, url = start_prefect_server(home)
+    try:
+        yield url
+    finally:
+        stop_prefect_server(process)
 
 
 def write_spec(directory: Path, base_url: str, n_items: int, args: argparse.Namespace) -> Path:

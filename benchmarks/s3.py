@@ -36,36 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
+from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
 from tests.s3.servers import (  # noqa: E402
     MotoBackend,
     S3Backend,
     SeaweedBackend,
-    free_ports,
 )
-
-
-def start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import urllib.request
-
-    port = free_ports(1)[0]
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return process, url
-        except OSError:
-            time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError("prefect server did not start")
 
 
 def timed_run(
@@ -180,8 +157,7 @@ def main() -> None:
         server.stop()
         backend.close()
         if prefect_process is not None:
-            prefect_process.terminate()
-            prefect_process.wait(timeout=30)
+            stop_prefect_server(prefect_process)
 
     def median(mode: str, key: str) -> float:
         return statistics.median(f[key] for f in figures[mode])

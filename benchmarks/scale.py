@@ -42,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.throughput import start_prefect_server  # noqa: E402
+from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
 
 CONCURRENCY = 64
@@ -320,8 +320,7 @@ def main() -> None:
         print(json.dumps({"lock_acquire_release_us": round(lock_micro(work), 1)}), flush=True)
     finally:
         if prefect_process is not None:
-            prefect_process.terminate()
-            prefect_process.wait(timeout=30)
+            stop_prefect_server(prefect_process)
         shutil.rmtree(work, ignore_errors=True)
 
 

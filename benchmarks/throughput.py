@@ -20,48 +20,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
+from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
-
-
-def start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return process, url
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("prefect server did not start")
 
 
 def timed_run(spec: Path, server: TestServer, env: dict[str, str], n: int) -> dict[str, float]:
@@ -162,8 +128,7 @@ def main() -> None:
     finally:
         server.stop()
         if prefect_process is not None:
-            prefect_process.terminate()
-            prefect_process.wait(timeout=30)
+            stop_prefect_server(prefect_process)
 
 
 if __name__ == "__main__":
