@@ -223,6 +223,7 @@ def batch_works(
             requests=plan.requests(batch),
             reuse=found.reuse.get(batch.key, {}),
             retry_failed=retry_failed,
+            nothing_stored=batch.key not in found.committed and batch.key not in found.with_parts,
             flush_every_s=spec.flush_every_s,
             flush_every_items=spec.flush_every_items,
         )

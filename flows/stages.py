@@ -221,13 +221,18 @@ def run_judges(
         )
         judge_store = judge_ref.store()
         committed = judge_store.list_batches()
+        parts = judge_store.list_parts()
         spec = validated.spec
         works = list(_judge_batches(judge_ref.run_id, requests, spec.batch_size, spec))
         # Judgements stored under another batching (a batch size or dataset edit) are reused
         # item by item, exactly like the run's own responses.
-        index = stored_elsewhere(judge_store, {w.key for w in works}, committed)
+        index = stored_elsewhere(judge_store, {w.key for w in works}, committed, parts)
         works = [
-            replace(w, reuse=reuse_map([r.key for r in w.requests], index))
+            replace(
+                w,
+                reuse=reuse_map([r.key for r in w.requests], index),
+                nothing_stored=w.key not in parts,
+            )
             if w.key not in committed
             else w
             for w in works
@@ -248,8 +253,8 @@ def run_judges(
 def _ok_rows(store: RunStore, validated: Validated) -> Iterator[tuple[str, str, int, str, Any]]:
     """(item_id, item_key, item_index, response, item) of every ok row, in plan order."""
     plan = validated.plan
-    for batch in plan.batches:
-        stored = store.read_table(store.batch_path(batch.key))
+    paths = [store.batch_path(batch.key) for batch in plan.batches]
+    for batch, stored in zip(plan.batches, store.read_tables(paths), strict=True):
         if stored is None:
             continue
         stored = conform(stored)
@@ -292,10 +297,8 @@ def _judge_batches(
 
 def _load_judgements(store: RunStore, keys: list[str]) -> dict[str, Judgement]:
     book: dict[str, Judgement] = {}
-    for key in keys:
-        table = store.read_table(
-            store.batch_path(key), columns=["item_key", "status", "response", "error"]
-        )
+    paths = [store.batch_path(key) for key in keys]
+    for table in store.read_tables(paths, columns=["item_key", "status", "response", "error"]):
         if table is None:
             continue
         for row in table.to_pylist():

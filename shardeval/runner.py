@@ -3,16 +3,18 @@
 This is the library half of the batch task and does not import Prefect. A batch:
 
 1. returns at once if its committed file exists and reads (the run's Parquet is the truth,
-   whatever Prefect's cache says);
+   whatever Prefect's cache says); a first attempt skips the look when the flow's survey has
+   just found nothing stored for it (:attr:`BatchWork.nothing_stored`);
 2. reads its flushed parts, and rows of other stored files the plan pointed it at (items
    stored under an older batching or dataset version), and sends only the remaining keys;
 3. makes finished items durable as small Parquet parts at least every ``flush_every_s`` seconds
    or ``flush_every_items`` items, counted across all the batches of the run running in this
    process (the flush runs in a worker thread, never on the event loop that carries the
    requests), so a SIGKILL loses at most one flush window;
-4. when every row has a final outcome, writes the batch file in one atomic step and then
-   removes its parts. Transient failures that outlasted the retries are never stored: the
-   batch raises :class:`BatchIncomplete` and a rerun sends only those.
+4. when every row has a final outcome, writes the batch file in one atomic step (the items
+   still buffered go straight into it) and then removes its parts. Transient failures that
+   outlasted the retries are never stored: the batch raises :class:`BatchIncomplete` and a
+   rerun sends only those.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class BatchWork:
     reuse: dict[str, list[str]] = field(default_factory=dict)
     """Other stored files (path → item keys) holding some of this batch's results."""
     retry_failed: bool = False
+    nothing_stored: bool = False
+    """The flow's survey, taken under the run's lease just before, found neither this batch's
+    committed file nor any part of it: a first attempt need not look again (on an object store
+    that is a GET and a LIST per batch, on the run's critical path). A retried attempt looks."""
     flush_every_s: float = 2.0
     flush_every_items: int = 16
 
@@ -119,7 +125,7 @@ def run_batch(
 ) -> BatchPointer:
     """Run one batch to its committed file (see the module docstring)."""
     unique_keys = list(dict.fromkeys(r.key for r in work.requests))
-    committed = _read_committed(store, work)
+    committed = None if work.nothing_stored else _read_committed(store, work)
     if committed is not None:
         # A kill between the commit and the removal of the parts leaves some behind; the
         # committed file holds every row, so they are only clutter. (No Prefect record was
@@ -142,19 +148,30 @@ def run_batch(
     flusher = _PartFlusher(store, work)
     try:
         outcomes, transient = _send(pending, engine, flusher, progress, work)
-        flusher.flush()
+        complete = not transient and len(outcomes) == len(pending)
+        if not complete:
+            flusher.flush()
     finally:
         flusher.close()
 
     if transient:
         example = transient[0].error
         raise BatchIncomplete(work.label, len(transient), example)
-    if len(outcomes) < len(pending):  # the rest were cancelled: a stop, or the engine closed
+    if not complete:  # the rest were cancelled: a stop, or the engine closed
         raise RunInterrupted(f"{work.label}: stopped; finished items were saved")
 
     fresh = outcomes_table(outcomes, *_meta(work.requests)) if outcomes else None
     table = _merge(stored, fresh, unique_keys)
-    store.write_table(store.batch_path(work.key), table)
+    # The batch file makes the items still buffered durable, so they are not written as a
+    # part first (one PUT fewer per batch); if the commit fails, they are flushed after all.
+    unflushed = flusher.take()
+    try:
+        store.write_table(store.batch_path(work.key), table)
+    except BaseException:
+        flusher.restore(unflushed)
+        with contextlib.suppress(Exception):  # the commit's error is the one to report
+            flusher.flush()
+        raise
     store.delete(read_parts + flusher.written)
     store.remove_empty_dir(store.parts_dir(work.key))
     progress.batch_finished()
@@ -203,7 +220,7 @@ def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]
     wanted = {r.key for r in work.requests}
     tables = []
     read_parts = []
-    own_parts = store.list_batch_parts(work.key)
+    own_parts = [] if work.nothing_stored else store.list_batch_parts(work.key)
     sources: list[tuple[str, set[str] | None]] = [(path, None) for path in own_parts]
     sources += [(path, set(keys)) for path, keys in work.reuse.items()]
     if work.retry_failed:
@@ -342,6 +359,21 @@ class _PartFlusher:
                 self.buffer = rows + self.buffer
                 raise
             self.written.append(path)
+
+    def take(self) -> list[Outcome]:
+        """Empty the buffer for a caller that stores its rows another way (the batch file).
+
+        Called after :meth:`close`; a flush another batch started before then finds it empty,
+        so :attr:`written` is final once this returns.
+        """
+        with self._lock:
+            rows, self.buffer = self.buffer, []
+        return rows
+
+    def restore(self, rows: list[Outcome]) -> None:
+        """Put back rows :meth:`take` removed (their batch file could not be written)."""
+        with self._lock:
+            self.buffer = rows + self.buffer
 
     def close(self) -> None:
         """Leave the run's window (the buffer is empty by now, or abandoned on an error)."""

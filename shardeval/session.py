@@ -85,6 +85,8 @@ class Survey:
 
     committed: set[str] = field(default_factory=set)
     """Plan batch keys whose committed file exists."""
+    with_parts: set[str] = field(default_factory=set)
+    """Plan batch keys, not committed, with parts of an earlier attempt."""
     reuse: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     """For uncommitted batches: other stored files (path → keys) holding some of their items."""
     done_rows: int = 0
@@ -111,6 +113,7 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
             for path in paths:
                 _index(store, path, keys)
             own_part_keys[key] = set(keys)
+            result.with_parts.add(key)
 
     row_keys = plan.rows.column("item_key")
     for batch in plan.batches:

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,9 @@ def run_batch_fn(work: BatchWork, run: RunRef) -> dict[str, Any]:
 
     A module-level function (the task below wraps it), so that Dask pickles it by reference.
     """
+    if work.nothing_stored and task_run.run_count > 1:
+        # A retry: the earlier attempt may have flushed parts (or even committed).
+        work = replace(work, nothing_stored=False)
     _active.enter(run.run_id)
     try:
         pointer = run_batch(

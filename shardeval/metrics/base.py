@@ -183,6 +183,4 @@ def _params_model(type_name: str, factory: MetricFactory) -> Any:
         annotation = hints.get(parameter.name, Any)
         default = ... if parameter.default is inspect.Parameter.empty else parameter.default
         fields[parameter.name] = (annotation, default)
-    return create_model(
-        f"{type_name}_params", __config__=ConfigDict(extra="forbid"), **fields
-    )
+    return create_model(f"{type_name}_params", __config__=ConfigDict(extra="forbid"), **fields)
