@@ -15,57 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import timed_run  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
-
-
-def timed_run(spec: Path, server: TestServer, env: dict[str, str], n: int) -> dict[str, float]:
-    """Run the CLI once; sample the server's counters to time the first and last request."""
-    base = server.stats()
-    first: list[float] = []
-    last: list[float] = []
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.01):
-            stats = server.stats()
-            now = time.monotonic()
-            if not first and stats["requests"] > base["requests"]:
-                first.append(now)
-            if not last and stats["completions"] - base["completions"] >= n:
-                last.append(now)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    started = time.monotonic()
-    watcher.start()
-    result = subprocess.run(
-        [sys.executable, "-m", "shardeval", "run", str(spec), "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    ended = time.monotonic()
-    stop.set()
-    watcher.join()
-    if result.returncode != 0:
-        raise RuntimeError(f"run failed ({result.returncode}): {result.stderr[-2000:]}")
-    return {
-        "wall_s": ended - started,
-        "first_request_s": (first[0] - started) if first else float("nan"),
-        "request_phase_s": (last[0] - first[0]) if first and last else float("nan"),
-        "requests": server.stats()["requests"] - base["requests"],
-    }
 
 
 def main() -> None:
@@ -110,11 +70,11 @@ def main() -> None:
             env["PREFECT_HOME"] = str(spec_dir / "prefect-home")
             if api:
                 env["PREFECT_API_URL"] = api
-            first = timed_run(spec, server, env, args.items)
-            cached = timed_run(spec, server, env, 0)
+            first = timed_run(spec, server, env)
+            cached = timed_run(spec, server, env)
             figures = {
                 "mode": label,
-                "first_request_s": round(first["first_request_s"], 2),
+                "first_request_s": round(first["to_first_request_s"], 2),
                 "request_phase_s": round(first["request_phase_s"], 3),
                 "request_phase_ratio": round(first["request_phase_s"] / ideal, 3),
                 "wall_s": round(first["wall_s"], 2),

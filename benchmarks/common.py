@@ -1,0 +1,48 @@
+"""What the benchmarks share: one timed ``shardeval run`` against the bundled test server.
+
+The phases come from the test server's own timestamps (first request, latest answer), read
+once after the run. Polling its counters during the run, as earlier versions did, cost the
+server and this process CPU in proportion to how long the run took, on the same two cores.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shardeval.testing.server import TestServer
+
+
+def timed_run(
+    spec: Path, server: TestServer, env: dict[str, str], *extra_args: str
+) -> dict[str, Any]:
+    """Run ``shardeval run SPEC --quiet [extra_args]`` once; wall time and its phases.
+
+    Resets the server's counters first. Returns ``wall_s``, ``to_first_request_s``,
+    ``request_phase_s`` (first request to last answer), ``after_last_answer_s`` (NaN when
+    no request was made) and ``requests`` (what the server saw).
+    """
+    server.reset()
+    started = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "shardeval", "run", str(spec), "--quiet", *extra_args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    ended = time.time()
+    if result.returncode != 0:
+        raise RuntimeError(f"run failed ({result.returncode}): {result.stderr[-3000:]}")
+    stats = server.stats()
+    first, last = stats["first_request_at"], stats["last_completion_at"]
+    nan = float("nan")
+    return {
+        "wall_s": ended - started,
+        "to_first_request_s": first - started if first else nan,
+        "request_phase_s": last - first if first and last else nan,
+        "after_last_answer_s": ended - last if last else nan,
+        "requests": stats["requests"],
+    }
