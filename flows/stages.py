@@ -128,11 +128,12 @@ def _count_elsewhere(state: Any, progress: RunProgress) -> None:
     rows = int(pointer.get("rows") or 0)
     sent = 0 if cached else min(int(pointer.get("sent") or 0), rows)
     errors = min(int(pointer.get("errors") or 0), sent)
-    progress.reused(rows - sent)
+    batch = str(pointer.get("batch") or "")
+    progress.batch_started(batch, rows - sent)
     for _ in range(sent - errors):
-        progress.finished("ok")
+        progress.finished("ok", batch=batch)
     for _ in range(errors):
-        progress.finished("error", "error")
+        progress.finished("error", "error", batch)
     progress.batch_finished()
 
 
@@ -217,7 +218,10 @@ def run_judges(
         progress.set_phase(f"judging ({metric.name})")
         requests = judge_requests(scorer, list(_ok_rows(store, validated)))
         judge_ref = RunRef(
-            run_id=judge_run_id(store.run_id, metric), output=store.output, model=scorer.model
+            run_id=judge_run_id(store.run_id, metric),
+            output=store.output,
+            model=scorer.model,
+            progress_id=progress.run_id,
         )
         judge_store = judge_ref.store()
         committed = judge_store.list_batches()

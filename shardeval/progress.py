@@ -2,6 +2,11 @@
 
 Batches run in Prefect worker threads and report here; the CLI polls. Counting is a few
 integer additions under a lock per finished item, far below the per-item budget.
+
+A batch can run more than once in one process (Prefect retries it after transient failures),
+and its second attempt finds the first one's flushed items stored. Counts are therefore kept
+per batch as well, and a batch that starts again replaces its earlier count instead of adding
+to it: ``done`` never passes ``total``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class RunProgress:
     phase: str = "starting"
     started: float = field(default_factory=time.monotonic)
     error_kinds: Counter[str] = field(default_factory=Counter)
+    _batch_done: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def plan(self, total: int, batches: int, done: int) -> None:
@@ -37,22 +43,29 @@ class RunProgress:
             self.total, self.batches_total = total, batches
             self.done = self.from_cache = done
 
-    def reused(self, rows: int) -> None:
-        """Rows a batch found stored (counted once, when the batch starts)."""
-        with self._lock:
-            self.done += rows
-            self.from_cache += rows
+    def batch_started(self, batch: str, stored_rows: int) -> None:
+        """A batch starts (or starts again) with ``stored_rows`` of its rows already stored.
 
-    def finished(self, status: str, error_kind: str | None = None) -> None:
-        """One request's final outcome."""
+        Rows an earlier attempt of the batch counted in this process are not counted twice,
+        and rows it sent are not "from the cache".
+        """
+        with self._lock:
+            counted = self._batch_done.get(batch, 0)
+            self.done += stored_rows - counted
+            self.from_cache += max(0, stored_rows - counted)
+            self._batch_done[batch] = stored_rows
+
+    def finished(self, status: str, error_kind: str | None = None, batch: str = "") -> None:
+        """One request's final outcome (``batch``: the batch it belongs to)."""
         with self._lock:
             self.sent += 1
+            if status in ("ok", "error"):
+                self.done += 1
+                self._batch_done[batch] = self._batch_done.get(batch, 0) + 1
             if status == "ok":
                 self.ok += 1
-                self.done += 1
             elif status == "error":
                 self.errors += 1
-                self.done += 1
                 self.error_kinds[error_kind or "error"] += 1
             elif status == "transient":
                 self.transient += 1

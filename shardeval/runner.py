@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from shardeval.engine import Engine, Outcome
 from shardeval.errors import RunInterrupted, StorageError, TransientProviderError
 from shardeval.planning import PlannedRequest
-from shardeval.progress import RunProgress
+from shardeval.progress import RunProgress, progress_for
 from shardeval.providers.base import ProviderRequest
 from shardeval.results import GENERATION_SCHEMA, conform, outcomes_table
 from shardeval.spec import ModelSpec
@@ -54,10 +54,17 @@ class RunRef:
     run_id: str
     output: str
     model: ModelSpec
+    progress_id: str = ""
+    """Whose progress counters its batches report to, when not ``run_id``'s own: an
+    ``llm_judge`` metric's judgements count in their eval run's progress and model calls."""
 
     def store(self) -> RunStore:
         """The run's storage."""
         return RunStore(self.output, self.run_id)
+
+    def progress(self) -> RunProgress:
+        """The progress counters its batches report to (see :attr:`progress_id`)."""
+        return progress_for(self.progress_id or self.run_id)
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,7 @@ def run_batch(
         if leftovers:
             store.delete(leftovers)
             store.remove_empty_dir(store.parts_dir(work.key))
-        progress.reused(len(work.requests))
+        progress.batch_started(work.key, len(work.requests))
         progress.batch_finished()
         return BatchPointer(work.key, store.url_of(store.batch_path(work.key)), committed)
 
@@ -143,7 +150,7 @@ def run_batch(
         stored = stored.filter(pc.equal(stored.column("status"), "ok"))
     have = set(stored.column("item_key").to_pylist())
     pending = [r for r in _unique(work.requests) if r.key not in have]
-    progress.reused(sum(1 for r in work.requests if r.key in have))
+    progress.batch_started(work.key, sum(1 for r in work.requests if r.key in have))
 
     flusher = _PartFlusher(store, work)
     try:
@@ -439,7 +446,7 @@ def _send(
                 outcome = future.result()
             except concurrent.futures.CancelledError:  # the engine closed before it started
                 continue
-            progress.finished(outcome.status, outcome.error_kind)
+            progress.finished(outcome.status, outcome.error_kind, work.key)
             if outcome.is_final:
                 final.append(outcome)
                 flusher.add(outcome)

@@ -39,7 +39,7 @@ from prefect.runtime import task_run
 
 from shardeval.engine import close_engines, engine_for
 from shardeval.errors import SpecError
-from shardeval.progress import forget, progress_for
+from shardeval.progress import forget
 from shardeval.runner import BatchIncomplete, BatchWork, RunRef, run_batch
 from tasks.locks import BatchLockManager
 
@@ -91,9 +91,7 @@ def run_batch_fn(work: BatchWork, run: RunRef) -> dict[str, Any]:
         work = replace(work, nothing_stored=False)
     _active.enter(run.run_id)
     try:
-        pointer = run_batch(
-            run.store(), work, engine_for(run.run_id, run.model), progress_for(run.run_id)
-        )
+        pointer = run_batch(run.store(), work, engine_for(run.run_id, run.model), run.progress())
     finally:
         _active.leave(run.run_id)
     return {**pointer.to_dict(), "process": PROCESS}

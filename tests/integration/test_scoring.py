@@ -207,6 +207,8 @@ def test_llm_judge_grades_are_parsed_and_cached(
     result = run_cli("run", str(spec))
     assert result.returncode == 0, result.stderr
     assert judge_server.stats()["requests"] == 40
+    # The summary's count of paid calls includes the judge's.
+    assert "80 model calls made" in " ".join(result.stdout.split()), result.stdout
     stats = metrics_of(tmp_path / "runs")["metrics"]
     assert stats["judge"]["mean"] == stats["exact_match"]["mean"]
     assert stats["judge"]["n"] == 40
