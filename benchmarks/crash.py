@@ -26,12 +26,10 @@ Prefect's temporary server.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,12 +50,7 @@ from shardeval.session import choose_run_id, validate  # noqa: E402
 from shardeval.storage import RunStore  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer, prompt_key  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.helpers.specs import arith_items, write_spec  # noqa: E402
 
 
 @contextmanager
@@ -69,34 +61,6 @@ def prefect_server(home: Path) -> Iterator[str]:
         yield url
     finally:
         stop_prefect_server(process)
-
-
-def write_spec(directory: Path, base_url: str, n_items: int, args: argparse.Namespace) -> Path:
-    rng = random.Random(0)
-    with open(directory / "items.jsonl", "w") as handle:
-        for i in range(n_items):
-            a, b = rng.randint(-99, 999), rng.randint(0, 999)
-            handle.write(json.dumps({"id": f"q{i:05d}", "a": a, "b": b, "answer": a + b}) + "\n")
-    spec = {
-        "name": "crash-bench",
-        "dataset": {"path": "items.jsonl", "id_field": "id"},
-        "prompt": {"system": "Answer with the number only.", "user": "What is {{ a }} + {{ b }}?"},
-        "model": {
-            "provider": "openai",
-            "model": "test-model",
-            "base_url": base_url,
-            "params": {"temperature": 0},
-            "concurrency": args.concurrency,
-            "max_retries": 1,
-            "timeout_s": 10,
-        },
-        "metrics": [{"type": "exact_match", "target": "answer"}],
-        "batch_size": args.batch_size,
-        "output": str(directory / "out"),
-    }
-    path = directory / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
 
 
 def prompt_keys_by_item(spec_path: Path) -> tuple[RunStore, dict[str, str]]:
@@ -161,7 +125,14 @@ def run(args: argparse.Namespace, work: Path, prefect_api: str) -> int:
     config = ServerConfig(latency_min=args.latency_min, latency_max=args.latency_max)
     server = TestServer.start_subprocess(config)
     try:
-        spec_path = write_spec(work, server.url, args.items, args)
+        spec_path = write_spec(
+            work,
+            base_url=server.url,
+            items=arith_items(args.items),
+            name="crash-bench",
+            batch_size=args.batch_size,
+            model={"concurrency": args.concurrency, "max_retries": 1, "timeout_s": 10},
+        )
         store, prompt_of = prompt_keys_by_item(spec_path)
         env = {
             **os.environ,

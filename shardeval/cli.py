@@ -193,9 +193,14 @@ def rescore(
     spec: Annotated[
         str | None, typer.Option(help="Spec whose metrics to apply (default: the run's own).")
     ] = None,
-    output: Annotated[str, typer.Option("--output", "-o", help="Where runs are stored.")] = (
-        "./shardeval-runs"
-    ),
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where runs are stored (default: the --spec's output, else ./shardeval-runs).",
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the run's holder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No spinner.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
@@ -206,6 +211,11 @@ def rescore(
     from shardeval.rescore import prepare_rescore
 
     source = _spec_source(spec) if spec else None
+    if output is None:
+        from shardeval.overrides import resolve_spec
+        from shardeval.spec import EvalSpec
+
+        output = resolve_spec(source).output if source else EvalSpec.model_fields["output"].default
     job = prepare_rescore(run_id, output, source)  # exit 2 before Prefect if it cannot work
     show = not quiet and sys.stderr.isatty()
     with spinner("Loading Prefect...", enabled=show):

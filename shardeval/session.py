@@ -106,14 +106,16 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
     result.committed = plan_keys & committed_files
 
     elsewhere = stored_elsewhere(store, plan_keys, committed_files, parts)
-    own_part_keys: dict[str, set[str]] = {}
-    for key, paths in parts.items():
-        if key in plan_keys and key not in result.committed:
-            keys: dict[str, str] = {}
-            for path in paths:
-                _index(store, path, keys)
-            own_part_keys[key] = set(keys)
-            result.with_parts.add(key)
+    own_parts = {
+        path: key
+        for key, paths in parts.items()
+        if key in plan_keys and key not in result.committed
+        for path in paths
+    }
+    result.with_parts = set(own_parts.values())
+    own_part_keys: dict[str, set[str]] = {key: set() for key in result.with_parts}
+    for path, stored in _index(store, list(own_parts)).items():
+        own_part_keys[own_parts[path]].update(stored)
 
     row_keys = plan.rows.column("item_key")
     for batch in plan.batches:
@@ -133,8 +135,9 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
             result.reuse[batch.key] = reuse
 
     if retry_failed:
-        for key in result.committed:
-            table = store.read_table(store.batch_path(key), columns=["status"])
+        keys = sorted(result.committed)
+        paths = [store.batch_path(key) for key in keys]
+        for key, table in zip(keys, store.read_tables(paths, columns=["status"]), strict=True):
             if table is not None and "error" in table.column("status").to_pylist():
                 result.error_batches.add(key)
 
@@ -157,13 +160,13 @@ def stored_elsewhere(
     """
     committed_files = store.list_batches() if committed_files is None else committed_files
     parts = store.list_parts() if parts is None else parts
+    paths = [store.batch_path(key) for key in sorted(committed_files - own_batches)]
+    paths += [p for key, names in parts.items() if key not in own_batches for p in names]
     index: dict[str, str] = {}
-    for key in sorted(committed_files - own_batches):
-        _index(store, store.batch_path(key), index)
-    for key, paths in parts.items():
-        if key not in own_batches:
-            for path in paths:
-                _index(store, path, index)
+    for path, stored in _index(store, paths).items():
+        for key, status in stored.items():
+            if key not in index or status == "ok":
+                index[key] = path
     return index
 
 
@@ -176,15 +179,26 @@ def reuse_map(keys: list[str], index: dict[str, str]) -> dict[str, list[str]]:
     return reuse
 
 
-def _index(store: RunStore, path: str, into: dict[str, str]) -> None:
-    table = store.read_table(path, columns=["item_key", "status"])
-    if table is None:
-        return
-    for key, status in zip(
-        table.column("item_key").to_pylist(), table.column("status").to_pylist(), strict=True
+def _index(store: RunStore, paths: list[str]) -> dict[str, dict[str, str]]:
+    """Path → {item key: status} of the final rows (ok, error) each readable file holds.
+
+    Only the two columns are decoded, and on object stores the files are fetched many at a
+    time (a resume with hundreds of parts is a few round trips, not hundreds).
+    """
+    found: dict[str, dict[str, str]] = {}
+    for path, table in zip(
+        paths, store.read_tables(paths, columns=["item_key", "status"]), strict=True
     ):
-        if status in ("ok", "error") and (key not in into or status == "ok"):
-            into[key] = path
+        if table is None:
+            continue
+        final: dict[str, str] = {}
+        for key, status in zip(
+            table.column("item_key").to_pylist(), table.column("status").to_pylist(), strict=True
+        ):
+            if status in ("ok", "error") and final.get(key) != "ok":
+                final[key] = status
+        found[path] = final
+    return found
 
 
 def record_attempt(store: RunStore, validated: Validated, run_id: str) -> None:

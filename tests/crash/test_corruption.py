@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from shardeval.status import read_status
-from shardeval.testing.server import ServerConfig, TestServer
-from tests.crash.test_kill_resume import (
+from shardeval.testing.server import TestServer
+from tests.crash.harness import (
     BATCH_SIZE,
     CONCURRENCY,
     output_of,
@@ -22,13 +20,6 @@ from tests.crash.test_kill_resume import (
 from tests.helpers.specs import write_spec
 
 N_ITEMS = 400
-
-
-@pytest.fixture
-def slow_server() -> Iterator[TestServer]:
-    """The test server in its own process, 20-50 ms per answer."""
-    with TestServer.start_subprocess(ServerConfig(latency_min=0.02, latency_max=0.05)) as server:
-        yield server
 
 
 def truncate(path: Path) -> list[str]:

@@ -11,71 +11,20 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from shardeval.status import read_status
-from shardeval.testing.server import ServerConfig, TestServer
-from tests.conftest import cli_env
+from shardeval.testing.server import TestServer
+from tests.crash.harness import BATCH_SIZE, CONCURRENCY, output_of, start_run, wait_for_answers
 from tests.helpers.specs import arith_items, write_jsonl, write_spec
 
 N_ITEMS = 1000
-BATCH_SIZE = 50
-CONCURRENCY = 16
 FLUSH_EVERY_ITEMS = 16  # the spec's default flush window
 KILLS = 5
 IGNORED_COLUMNS = {"latency_s"}  # results.parquet has no timestamp columns
-
-
-@pytest.fixture
-def slow_server() -> Iterator[TestServer]:
-    """The test server in its own process, 20-50 ms per answer."""
-    server = TestServer.start_subprocess(ServerConfig(latency_min=0.02, latency_max=0.05))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def start_run(spec: Path, prefect_api: str, logs: Path, *args: str) -> subprocess.Popen[bytes]:
-    """``shardeval run SPEC`` in the background, its output in files (a pipe could fill up)."""
-    logs.mkdir(parents=True, exist_ok=True)
-    n = len(list(logs.glob("*.out")))
-    with open(logs / f"{n:02d}.out", "wb") as out, open(logs / f"{n:02d}.err", "wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "shardeval", "run", str(spec), "--quiet", *args],
-            env=cli_env(prefect_api),
-            stdout=out,
-            stderr=err,
-        )
-
-
-def output_of(logs: Path) -> str:
-    """Everything the latest attempt printed, whitespace collapsed (the console wraps lines)."""
-    last = sorted(logs.glob("*.out"))[-1]
-    return " ".join((last.read_text() + last.with_suffix(".err").read_text()).split())
-
-
-def wait_for_answers(
-    server: TestServer, process: subprocess.Popen[bytes], target: int, timeout: float = 120
-) -> bool:
-    """Wait until the server answered ``target`` more requests; False if the run ended first."""
-    base = server.stats()["completions"]
-    deadline = time.monotonic() + timeout
-    while process.poll() is None:
-        if server.stats()["completions"] - base >= target:
-            return True
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"no progress within {timeout}s")
-        time.sleep(0.005)
-    return False
 
 
 def run_dir(output: Path, run_id: str) -> Path:

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,11 @@ import pytest
 from shardeval.errors import RunLockedError
 from shardeval.locking import RunLock
 from shardeval.storage import RunStore
-from shardeval.testing.server import ServerConfig, TestServer
-from tests.crash.test_kill_resume import BATCH_SIZE, CONCURRENCY, output_of, start_run
+from shardeval.testing.server import TestServer
+from tests.crash.harness import BATCH_SIZE, CONCURRENCY, output_of, start_run
 from tests.helpers.specs import write_spec
 
 N_ITEMS = 1000
-
-
-@pytest.fixture
-def slow_server() -> Iterator[TestServer]:
-    """The test server in its own process, 20-50 ms per answer."""
-    with TestServer.start_subprocess(ServerConfig(latency_min=0.02, latency_max=0.05)) as server:
-        yield server
 
 
 def dead_pid() -> int:

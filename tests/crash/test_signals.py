@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from shardeval.testing.server import ServerConfig, TestServer
-from tests.crash.test_kill_resume import (
+from shardeval.testing.server import TestServer
+from tests.crash.harness import (
     BATCH_SIZE,
     CONCURRENCY,
     output_of,
@@ -26,13 +25,6 @@ from tests.crash.test_kill_resume import (
 from tests.helpers.specs import write_spec
 
 N_ITEMS = 1000
-
-
-@pytest.fixture
-def slow_server() -> Iterator[TestServer]:
-    """The test server in its own process, 20-50 ms per answer."""
-    with TestServer.start_subprocess(ServerConfig(latency_min=0.02, latency_max=0.05)) as server:
-        yield server
 
 
 def test_sigterm_saves_what_finished_and_the_rerun_resends_nothing(

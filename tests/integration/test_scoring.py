@@ -106,7 +106,8 @@ def test_rescore_refuses_a_spec_that_needs_the_model(
     assert run_cli("run", str(spec)).returncode == 0
     rewrite(spec, prompt={"user": "Compute {{ a }} + {{ b }}."})
     run_id = run_dir(tmp_path / "runs").name
-    result = run_cli("rescore", run_id, "--spec", str(spec), "--output", str(tmp_path / "runs"))
+    # Without --output, rescore looks where the spec's `output` says.
+    result = run_cli("rescore", run_id, "--spec", str(spec))
     assert result.returncode == 2
     assert "no stored response" in " ".join(result.stderr.split())
     assert llm_server.stats()["requests"] == 10

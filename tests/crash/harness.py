@@ -1,0 +1,53 @@
+"""What the crash tests share: the CLI started in the background, its output, its progress.
+
+The CLI runs as a subprocess (``python -m shardeval run``) against the session's Prefect server,
+so a test can SIGKILL or signal it like a user or an OOM killer would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shardeval.testing.server import TestServer
+from tests.conftest import cli_env
+
+BATCH_SIZE = 50
+CONCURRENCY = 16
+
+
+def start_run(spec: Path, prefect_api: str, logs: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``shardeval run SPEC`` in the background, its output in files (a pipe could fill up)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    n = len(list(logs.glob("*.out")))
+    with open(logs / f"{n:02d}.out", "wb") as out, open(logs / f"{n:02d}.err", "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shardeval", "run", str(spec), "--quiet", *args],
+            env=cli_env(prefect_api),
+            stdout=out,
+            stderr=err,
+        )
+
+
+def output_of(logs: Path) -> str:
+    """Everything the latest attempt printed, whitespace collapsed (the console wraps lines)."""
+    last = sorted(logs.glob("*.out"))[-1]
+    return " ".join((last.read_text() + last.with_suffix(".err").read_text()).split())
+
+
+def wait_for_answers(
+    server: TestServer, process: subprocess.Popen[bytes], target: int, timeout: float = 120
+) -> bool:
+    """Wait until the server answered ``target`` more requests; False if the run ended first."""
+    base = server.stats()["completions"]
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        if server.stats()["completions"] - base >= target:
+            return True
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"no progress within {timeout}s")
+        time.sleep(0.005)
+    return False
