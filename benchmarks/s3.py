@@ -6,7 +6,9 @@ concurrency 64, batches of 100) with ``shardeval run`` as a subprocess, alternat
 median wall times, their ratio (target <= 1.15; also as the ratio of the fastest rounds and
 the median of per-round ratios, which are steadier on a shared machine) and the S3 requests
 per item (target: well under 1). ``--latency 0.02`` is a harder variant: the same storage
-work in a fifth of the request time.
+work in a fifth of the request time. ``--s3-latency S`` puts a proxy in front of the store
+that holds every request S seconds (a loopback store answers in ~1 ms, a cloud bucket in tens
+of milliseconds).
 The requests are counted by the server: SeaweedFS's Prometheus counters, or moto's request
 log (``--backend moto``).
 A fully stored rerun (answered from storage) is counted too.
@@ -16,7 +18,7 @@ difference is the output store alone.
 
     python benchmarks/s3.py [--items 2000] [--latency 0.1] [--concurrency 64]
                             [--batch-size 100] [--rounds 7] [--backend seaweedfs|moto]
-                            [--flush-items N] [--prefect-api URL]
+                            [--flush-items N] [--s3-latency S] [--prefect-api URL]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from benchmarks.common import timed_run  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
+from tests.s3.latency_proxy import LatencyProxy  # noqa: E402
 from tests.s3.servers import (  # noqa: E402
     MotoBackend,
     S3Backend,
@@ -56,6 +59,9 @@ def main() -> None:
         "--flush-items", type=int, default=None, help="the spec's flush_every_items (default 16)"
     )
     parser.add_argument("--backend", choices=["seaweedfs", "moto"], default="seaweedfs")
+    parser.add_argument(
+        "--s3-latency", type=float, default=0.0, help="seconds added to every S3 request"
+    )
     parser.add_argument("--prefect-api", help="use this running Prefect server")
     args = parser.parse_args()
 
@@ -66,6 +72,8 @@ def main() -> None:
     )
     backend.start()
     bucket = backend.make_bucket("bench")
+    store_port = int(backend.endpoint.rsplit(":", 1)[1])
+    proxy = LatencyProxy(store_port, args.s3_latency).start() if args.s3_latency else None
     prefect_process = None
     api = args.prefect_api or os.environ.get("PREFECT_API_URL")
     if not api:
@@ -73,6 +81,8 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     # The default retries (not the tests' low ones): this measures the normal configuration.
     env.update(backend.env())
+    if proxy is not None:
+        env["AWS_ENDPOINT_URL"] = proxy.endpoint
     env.pop("SHARDEVAL_STORAGE_RETRIES")
     env.pop("SHARDEVAL_STORAGE_TIMEOUT_S")
     env.update(PYTHONPATH=str(ROOT), PREFECT_API_URL=api, PREFECT_HOME=str(work / "client"))
@@ -80,7 +90,9 @@ def main() -> None:
     print(
         f"{args.items} items, latency {args.latency * 1000:.0f} ms, concurrency "
         f"{args.concurrency}, batch size {args.batch_size}, {args.rounds} rounds, "
-        f"S3 = {args.backend} on 127.0.0.1; ideal request phase {ideal:.2f} s"
+        f"S3 = {args.backend} on 127.0.0.1"
+        + (f" behind a {args.s3_latency * 1000:.0f} ms proxy" if proxy else "")
+        + f"; ideal request phase {ideal:.2f} s"
     )
     figures: dict[str, list[dict[str, float]]] = {"local": [], "s3": []}
     s3_requests: list[Counter[str]] = []
@@ -113,6 +125,8 @@ def main() -> None:
                 print(f"  round {round_number + 1} {mode}: {figures[mode][-1]['wall_s']:.2f} s")
     finally:
         server.stop()
+        if proxy is not None:
+            proxy.stop()
         backend.close()
         if prefect_process is not None:
             stop_prefect_server(prefect_process)

@@ -62,9 +62,15 @@ def finalize(
     score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})
     schema = results_schema(score_columns)
     conformed = [_conform_result(chunk, schema) for chunk in chunks]
-    with store.open_table_writer(store.results_path, schema) as writer:
-        for chunk in conformed:
-            writer.write_table(chunk)
+
+    def write_results() -> None:
+        with store.open_table_writer(store.results_path, schema) as writer:
+            for chunk in conformed:
+                writer.write_table(chunk)
+
+    # The previous metrics.json goes to history/ while results.parquet is written; the new
+    # metrics.json is written only after both (its presence means the run is complete).
+    store.gather(write_results, lambda: keep_history(store))
     table = pa.concat_tables(conformed) if conformed else schema.empty_table()
     summary = _summary(store, plan, metrics, table, score_columns, score_errors)
     if plan.spec.group_by:
@@ -72,7 +78,6 @@ def finalize(
         summary["by_group"] = _by_group(table, groups, score_columns)
     summary["started_at"] = started_at.isoformat(timespec="seconds")
     summary["finished_at"] = finished_at.isoformat(timespec="seconds")
-    keep_history(store)
     store.write_json(store.metrics_path, summary)
     store.tidy()
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))

@@ -100,8 +100,11 @@ class Survey:
 def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Survey:
     """Compare the plan with what is stored (see the module docstring)."""
     result = Survey()
-    committed_files = store.list_batches()
-    parts = store.list_parts()
+    committed_files, parts, previous = store.gather(
+        store.list_batches,
+        store.list_parts,
+        lambda: store.read_table(store.plan_path, columns=["item_id", "item_key"]),
+    )
     plan_keys = {b.key for b in plan.batches}
     result.committed = plan_keys & committed_files
 
@@ -141,7 +144,6 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
             if table is not None and "error" in table.column("status").to_pylist():
                 result.error_batches.add(key)
 
-    previous = store.read_table(store.plan_path, columns=["item_id", "item_key"])
     if previous is not None:
         result.diff = diff_plans(previous, plan.rows)
     return result
@@ -205,22 +207,22 @@ def record_attempt(store: RunStore, validated: Validated, run_id: str) -> None:
     """Write spec.json and plan.parquet for this attempt (the lock holder only)."""
     spec = validated.spec
     store.clean_tmp()
-    _retire_stale_metrics(store, validated)
-    store.write_json(
-        store.spec_path,
-        {
-            "run_id": run_id,
-            "spec": spec.public_dict(),
-            "spec_source": spec.source,
-            "dataset_url": validated.dataset.url,
-            "dataset_fingerprint": validated.dataset.fingerprint,
-            "model_fingerprint": model_fingerprint(spec.model),
-            "metric_fingerprints": {m.name: m.fingerprint() for m in validated.metrics},
-            "plan_fingerprint": validated.plan.fingerprint(),
-            "shardeval_version": __version__,
-        },
+    record = {
+        "run_id": run_id,
+        "spec": spec.public_dict(),
+        "spec_source": spec.source,
+        "dataset_url": validated.dataset.url,
+        "dataset_fingerprint": validated.dataset.fingerprint,
+        "model_fingerprint": model_fingerprint(spec.model),
+        "metric_fingerprints": {m.name: m.fingerprint() for m in validated.metrics},
+        "plan_fingerprint": validated.plan.fingerprint(),
+        "shardeval_version": __version__,
+    }
+    store.gather(
+        lambda: _retire_stale_metrics(store, validated),
+        lambda: store.write_json(store.spec_path, record),
+        lambda: store.write_table(store.plan_path, validated.plan.rows),
     )
-    store.write_table(store.plan_path, validated.plan.rows)
 
 
 def _retire_stale_metrics(store: RunStore, validated: Validated) -> None:

@@ -23,6 +23,7 @@ recomputed: a run never trusts, and never deletes, a damaged file.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -30,8 +31,9 @@ import logging
 import os
 import posixpath
 import secrets
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -58,6 +60,19 @@ PARQUET_COMPRESSION = "zstd"
 READ_CONCURRENCY = 32
 _EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 """The pyproject extra that brings each protocol's filesystem."""
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _io_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for :meth:`RunStore.gather` (they only wait: the I/O runs on fsspec's loop)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="shardeval-io")
+        return _pool
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -425,6 +440,20 @@ class RunStore:
                 os.rmdir(path)
 
     # ------------------------------------------------------------- helpers
+    def gather(self, *calls: Callable[[], Any]) -> list[Any]:
+        """Run independent storage calls at once on an object store; in order on local disk.
+
+        Each call to a remote store is a round trip of tens of milliseconds; a run's start
+        (survey, recording the attempt) and end make several that do not depend on each
+        other. Results come back in the order given; the first error is raised once all
+        calls have ended (none is left running behind the caller's back).
+        """
+        if self.is_local or len(calls) < 2:
+            return [call() for call in calls]
+        futures = [_io_pool().submit(call) for call in calls]
+        concurrent.futures.wait(futures)
+        return [future.result() for future in futures]
+
     def url_of(self, path: str) -> str:
         """A full URL for a path of this filesystem."""
         return path if self.protocol == "file" else f"{self.protocol}://{path}"
