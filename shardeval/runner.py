@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -300,15 +301,29 @@ class _FlushWindow:
         return sum(len(f.buffer) for f in flushers) >= limit
 
     def flush_all(self, caller: _PartFlusher) -> None:
-        """Flush every running batch's buffer (the caller's errors are raised, not others')."""
+        """Flush every running batch's buffer, the parts written at once on object stores.
+
+        The caller's errors are raised; another batch's are logged, and its rows go back to
+        its buffer (it meets the error at its own next flush).
+        """
         with self._lock:
-            others = [f for f in self._flushers if f is not caller]
-        caller.flush()
-        for flusher in others:
+            flushers = [caller] + [f for f in self._flushers if f is not caller]
+        cuts = [(flusher, cut) for flusher in flushers if (cut := flusher.cut()) is not None]
+
+        def write(flusher: _PartFlusher, cut: tuple[str, list[Outcome]]) -> Exception | None:
             try:
-                flusher.flush()
-            except Exception as exc:  # that batch meets the error at its own next flush
-                logger.warning("could not flush %s: %s", flusher.work.label, exc)
+                flusher.write(*cut)
+            except Exception as exc:
+                return exc
+            return None
+
+        errors = caller.store.gather(*(functools.partial(write, f, c) for f, c in cuts))
+        for (flusher, _cut), error in zip(cuts, errors, strict=True):
+            if error is None:
+                continue
+            if flusher is caller:
+                raise error
+            logger.warning("could not flush %s: %s", flusher.work.label, error)
 
 
 _windows: dict[str, _FlushWindow] = {}
@@ -334,7 +349,9 @@ class _PartFlusher:
         self.last_flush = time.monotonic()
         self.ids, self.trials = _meta(work.requests)
         self.token = secrets.token_hex(4)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._sequence = 0
+        self._writing = 0
         self.window = _window_for(store)
         self.window.register(self)
 
@@ -350,30 +367,51 @@ class _PartFlusher:
         return bool(self.buffer) and time.monotonic() - self.last_flush >= self.work.flush_every_s
 
     def flush(self) -> None:
+        """Write the buffered rows as one part now."""
+        cut = self.cut()
+        if cut is not None:
+            self.write(*cut)
+
+    def cut(self) -> tuple[str, list[Outcome]] | None:
+        """Take the buffered rows and name their part; None if there are none.
+
+        The lock is held for this bookkeeping only, not for the write (a PUT to a remote
+        store takes tens of milliseconds, and the batch's thread keeps adding meanwhile).
+        Every cut must be followed by :meth:`write`.
+        """
         with self._lock:
             self.last_flush = time.monotonic()
             if not self.buffer:
-                return
+                return None
             rows, self.buffer = self.buffer, []
-            path = self.store.path(
-                "parts",
-                self.work.key,
-                f"{time.time_ns():020d}-{self.token}-{len(self.written):05d}.parquet",
-            )
-            try:
-                _write_part(self.store, path, outcomes_table(rows, self.ids, self.trials))
-            except BaseException:
+            name = f"{time.time_ns():020d}-{self.token}-{self._sequence:05d}.parquet"
+            self._sequence += 1
+            self._writing += 1
+        return self.store.path("parts", self.work.key, name), rows
+
+    def write(self, path: str, rows: list[Outcome]) -> None:
+        """Write a part :meth:`cut` named; on failure its rows go back to the buffer."""
+        try:
+            _write_part(self.store, path, outcomes_table(rows, self.ids, self.trials))
+        except BaseException:
+            with self._lock:
                 self.buffer = rows + self.buffer
-                raise
+                self._writing -= 1
+                self._lock.notify_all()
+            raise
+        with self._lock:
             self.written.append(path)
+            self._writing -= 1
+            self._lock.notify_all()
 
     def take(self) -> list[Outcome]:
         """Empty the buffer for a caller that stores its rows another way (the batch file).
 
-        Called after :meth:`close`; a flush another batch started before then finds it empty,
-        so :attr:`written` is final once this returns.
+        Called after :meth:`close`. It waits for parts being written (by another batch's
+        flush) to land, so :attr:`written` is final once this returns.
         """
         with self._lock:
+            self._lock.wait_for(lambda: self._writing == 0)
             rows, self.buffer = self.buffer, []
         return rows
 
