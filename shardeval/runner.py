@@ -301,29 +301,11 @@ class _FlushWindow:
         return sum(len(f.buffer) for f in flushers) >= limit
 
     def flush_all(self, caller: _PartFlusher) -> None:
-        """Flush every running batch's buffer, the parts written at once on object stores.
-
-        The caller's errors are raised; another batch's are logged, and its rows go back to
-        its buffer (it meets the error at its own next flush).
-        """
+        """Start a part for every running batch with buffered rows (see :meth:`flush_soon`)."""
         with self._lock:
             flushers = [caller] + [f for f in self._flushers if f is not caller]
-        cuts = [(flusher, cut) for flusher in flushers if (cut := flusher.cut()) is not None]
-
-        def write(flusher: _PartFlusher, cut: tuple[str, list[Outcome]]) -> Exception | None:
-            try:
-                flusher.write(*cut)
-            except Exception as exc:
-                return exc
-            return None
-
-        errors = caller.store.gather(*(functools.partial(write, f, c) for f, c in cuts))
-        for (flusher, _cut), error in zip(cuts, errors, strict=True):
-            if error is None:
-                continue
-            if flusher is caller:
-                raise error
-            logger.warning("could not flush %s: %s", flusher.work.label, error)
+        for flusher in flushers:
+            flusher.flush_soon()
 
 
 _windows: dict[str, _FlushWindow] = {}
@@ -338,7 +320,12 @@ def _window_for(store: RunStore) -> _FlushWindow:
 class _PartFlusher:
     """Buffers final outcomes and writes them as a part when the window closes.
 
-    ``flush`` may be called from another batch's thread (see :class:`_FlushWindow`).
+    On an object store a part is written in the background (``RunStore.submit``): a PUT takes
+    tens of milliseconds, and the batch's thread must keep taking outcomes meanwhile, or the
+    last batches of a run wait for a queue of flushes before they can commit. A write that
+    fails puts its rows back in the buffer and its error is raised in the batch's thread at
+    its next outcome (or at the end). ``flush_soon`` may be called from another batch's
+    thread (see :class:`_FlushWindow`).
     """
 
     def __init__(self, store: RunStore, work: BatchWork) -> None:
@@ -352,22 +339,36 @@ class _PartFlusher:
         self._lock = threading.Condition()
         self._sequence = 0
         self._writing = 0
+        self._failed: BaseException | None = None
         self.window = _window_for(store)
         self.window.register(self)
 
     def add(self, outcome: Outcome) -> None:
+        self._raise_failed_write()
         with self._lock:
             self.buffer.append(outcome)
         if self.window.full(self.work.flush_every_items):
             self.window.flush_all(self)
         elif self.due():
-            self.flush()
+            self.flush_soon()
 
     def due(self) -> bool:
         return bool(self.buffer) and time.monotonic() - self.last_flush >= self.work.flush_every_s
 
+    def flush_soon(self) -> None:
+        """Start writing the buffered rows as one part (at once, on local disk)."""
+        cut = self.cut()
+        if cut is not None:
+            self.store.submit(functools.partial(self._write_noting_failure, *cut))
+
     def flush(self) -> None:
-        """Write the buffered rows as one part now."""
+        """Write the buffered rows as one part and wait for every part of this batch to land.
+
+        Raises the error of a part that could not be written (its rows are buffered again).
+        """
+        with self._lock:
+            self._lock.wait_for(lambda: self._writing == 0)
+        self._raise_failed_write()
         cut = self.cut()
         if cut is not None:
             self.write(*cut)
@@ -404,11 +405,26 @@ class _PartFlusher:
             self._writing -= 1
             self._lock.notify_all()
 
+    def _write_noting_failure(self, path: str, rows: list[Outcome]) -> None:
+        try:
+            self.write(path, rows)
+        except Exception as exc:
+            logger.warning("could not flush %s: %s", self.work.label, exc)
+            with self._lock:
+                self._failed = exc
+
+    def _raise_failed_write(self) -> None:
+        with self._lock:
+            failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
+
     def take(self) -> list[Outcome]:
         """Empty the buffer for a caller that stores its rows another way (the batch file).
 
-        Called after :meth:`close`. It waits for parts being written (by another batch's
-        flush) to land, so :attr:`written` is final once this returns.
+        Called after :meth:`close`. It waits for parts being written to land, so
+        :attr:`written` is final once this returns (a part that failed has put its rows back
+        in the buffer, and the batch file stores them).
         """
         with self._lock:
             self._lock.wait_for(lambda: self._writing == 0)
@@ -491,5 +507,5 @@ def _send(
             elif outcome.status == "transient":
                 transient.append(outcome)
         if flusher.due():
-            flusher.flush()
+            flusher.flush_soon()
     return final, transient

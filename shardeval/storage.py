@@ -454,6 +454,20 @@ class RunStore:
         concurrent.futures.wait(futures)
         return [future.result() for future in futures]
 
+    def submit(self, call: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run a storage call in the background on an object store; at once on local disk.
+
+        The returned future holds the call's result or error (local disk included).
+        """
+        if not self.is_local:
+            return _io_pool().submit(call)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(call())
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
     def url_of(self, path: str) -> str:
         """A full URL for a path of this filesystem."""
         return path if self.protocol == "file" else f"{self.protocol}://{path}"
