@@ -271,8 +271,8 @@ def test_kill_and_resume_on_s3(
     assert final.returncode == 0, err[-3000:]
     root = run_root(s3_backend, bucket)
     assert_results_correct(read_results(s3_backend, root), n_items)
-    # A kill wastes the requests in flight and the answers not yet flushed: the run's flush
-    # window, plus what arrived while a flush was PUTting every running batch's part.
+    # A kill wastes the requests in flight and the answers not yet stored: the run's flush
+    # window, plus parts still on their way to the store (uploaded in the background).
     waste_per_kill = concurrency + MAX_WORKERS * 2 * flush_items
     requests = llm_server.stats()["requests"]
     assert requests <= n_items + killed * waste_per_kill, (requests, history)
