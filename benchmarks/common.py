@@ -7,6 +7,7 @@ server and this process CPU in proportion to how long the run took, on the same 
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -14,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from shardeval.testing.server import TestServer
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The project's 2,000-item eval (issue #2): 100 ms answers, concurrency 64, batches of 100."""
+    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=100)
 
 
 def timed_run(

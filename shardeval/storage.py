@@ -67,7 +67,10 @@ _pool_lock = threading.Lock()
 
 
 def _io_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads for :meth:`RunStore.gather` (they only wait: the I/O runs on fsspec's loop)."""
+    """Threads for :meth:`RunStore.gather` and :meth:`RunStore.submit`.
+
+    They mostly wait: the I/O itself runs on fsspec's event loop.
+    """
     global _pool
     with _pool_lock:
         if _pool is None:
@@ -454,19 +457,15 @@ class RunStore:
         concurrent.futures.wait(futures)
         return [future.result() for future in futures]
 
-    def submit(self, call: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    def submit(self, call: Callable[[], None]) -> None:
         """Run a storage call in the background on an object store; at once on local disk.
 
-        The returned future holds the call's result or error (local disk included).
+        Nobody waits for the call: it must deal with its own errors (see the part flusher).
         """
-        if not self.is_local:
-            return _io_pool().submit(call)
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        try:
-            future.set_result(call())
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
+        if self.is_local:
+            call()
+        else:
+            _io_pool().submit(call)
 
     def url_of(self, path: str) -> str:
         """A full URL for a path of this filesystem."""

@@ -10,12 +10,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from shardeval.testing.server import TestServer
 from tests.conftest import cli_env
+from tests.helpers.specs import write_spec
 
 BATCH_SIZE = 50
 CONCURRENCY = 16
+
+
+def crash_spec(directory: Path, server: TestServer, **overrides: Any) -> Path:
+    """The crash tests' spec: batches of ``BATCH_SIZE``, ``CONCURRENCY`` requests in flight."""
+    return write_spec(
+        directory,
+        base_url=server.url,
+        batch_size=BATCH_SIZE,
+        model={"concurrency": CONCURRENCY},
+        **overrides,
+    )
 
 
 def start_run(spec: Path, prefect_api: str, logs: Path, *args: str) -> subprocess.Popen[bytes]:

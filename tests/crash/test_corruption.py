@@ -12,12 +12,11 @@ from shardeval.status import read_status
 from shardeval.testing.server import TestServer
 from tests.crash.harness import (
     BATCH_SIZE,
-    CONCURRENCY,
+    crash_spec,
     output_of,
     start_run,
     wait_for_answers,
 )
-from tests.helpers.specs import write_spec
 
 N_ITEMS = 400
 
@@ -33,12 +32,10 @@ def truncate(path: Path) -> list[str]:
 def test_truncated_batch_and_part_are_set_aside_and_only_their_items_recomputed(
     tmp_path: Path, prefect_api: str, slow_server: TestServer
 ) -> None:
-    spec = write_spec(
+    spec = crash_spec(
         tmp_path / "eval",
-        base_url=slow_server.url,
+        slow_server,
         n_items=N_ITEMS,
-        batch_size=BATCH_SIZE,
-        model={"concurrency": CONCURRENCY},
         flush_every_items=8,
     )
     output = tmp_path / "eval" / "runs"

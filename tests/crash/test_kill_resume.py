@@ -18,8 +18,14 @@ import pyarrow.parquet as pq
 
 from shardeval.status import read_status
 from shardeval.testing.server import TestServer
-from tests.crash.harness import BATCH_SIZE, CONCURRENCY, output_of, start_run, wait_for_answers
-from tests.helpers.specs import arith_items, write_jsonl, write_spec
+from tests.crash.harness import (
+    CONCURRENCY,
+    crash_spec,
+    output_of,
+    start_run,
+    wait_for_answers,
+)
+from tests.helpers.specs import arith_items, write_jsonl
 
 N_ITEMS = 1000
 FLUSH_EVERY_ITEMS = 16  # the spec's default flush window
@@ -64,12 +70,10 @@ def test_sigkill_at_random_moments_resumes_to_identical_results(
 ) -> None:
     seed = int(os.environ.get("SHARDEVAL_CRASH_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    spec = write_spec(
+    spec = crash_spec(
         tmp_path / "eval",
-        base_url=slow_server.url,
+        slow_server,
         n_items=N_ITEMS,
-        batch_size=BATCH_SIZE,
-        model={"concurrency": CONCURRENCY},
     )
     output = tmp_path / "eval" / "runs"
     logs = tmp_path / "logs"
@@ -136,12 +140,10 @@ def test_dataset_edited_between_attempts_sends_only_the_changes(
 ) -> None:
     items = arith_items(200)
     directory = tmp_path / "eval"
-    spec = write_spec(
+    spec = crash_spec(
         directory,
-        base_url=slow_server.url,
+        slow_server,
         items=items,
-        batch_size=BATCH_SIZE,
-        model={"concurrency": CONCURRENCY},
     )
     logs = tmp_path / "logs"
     first = start_run(spec, prefect_api, logs)

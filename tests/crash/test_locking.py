@@ -18,8 +18,7 @@ from shardeval.errors import RunLockedError
 from shardeval.locking import RunLock
 from shardeval.storage import RunStore
 from shardeval.testing.server import TestServer
-from tests.crash.harness import BATCH_SIZE, CONCURRENCY, output_of, start_run
-from tests.helpers.specs import write_spec
+from tests.crash.harness import crash_spec, output_of, start_run
 
 N_ITEMS = 1000
 
@@ -45,12 +44,10 @@ def lease(pid: int, *, host: str | None = None, renewed_ago: float = 0.0) -> dic
 def test_two_concurrent_runs_one_runs_the_other_names_the_holder(
     tmp_path: Path, prefect_api: str, slow_server: TestServer
 ) -> None:
-    spec = write_spec(
+    spec = crash_spec(
         tmp_path / "eval",
-        base_url=slow_server.url,
+        slow_server,
         n_items=N_ITEMS,
-        batch_size=BATCH_SIZE,
-        model={"concurrency": CONCURRENCY},
     )
     first_logs, second_logs = tmp_path / "first", tmp_path / "second"
     # Slow answers at first, so that whichever process wins still holds the run when the other
@@ -77,12 +74,10 @@ def test_two_concurrent_runs_one_runs_the_other_names_the_holder(
 def test_live_holder_refuses_then_wait_queues_and_a_dead_holder_is_taken_over(
     tmp_path: Path, prefect_api: str, slow_server: TestServer
 ) -> None:
-    spec = write_spec(
+    spec = crash_spec(
         tmp_path / "eval",
-        base_url=slow_server.url,
+        slow_server,
         n_items=100,
-        batch_size=BATCH_SIZE,
-        model={"concurrency": CONCURRENCY},
     )
     logs = tmp_path / "logs"
     run_id = "locked-run"

@@ -16,13 +16,11 @@ import pytest
 
 from shardeval.testing.server import TestServer
 from tests.crash.harness import (
-    BATCH_SIZE,
-    CONCURRENCY,
+    crash_spec,
     output_of,
     start_run,
     wait_for_answers,
 )
-from tests.helpers.specs import write_spec
 
 N_ITEMS = 1000
 
@@ -30,12 +28,10 @@ N_ITEMS = 1000
 def test_sigterm_saves_what_finished_and_the_rerun_resends_nothing(
     tmp_path: Path, prefect_api: str, slow_server: TestServer
 ) -> None:
-    spec = write_spec(
+    spec = crash_spec(
         tmp_path / "eval",
-        base_url=slow_server.url,
+        slow_server,
         n_items=N_ITEMS,
-        batch_size=BATCH_SIZE,
-        model={"concurrency": CONCURRENCY},
     )
     logs = tmp_path / "logs"
     process = start_run(spec, prefect_api, logs)
@@ -62,12 +58,10 @@ def test_sigterm_saves_what_finished_and_the_rerun_resends_nothing(
 def test_a_second_signal_stops_at_once_without_damage(
     tmp_path: Path, prefect_api: str, slow_server: TestServer, signum: signal.Signals
 ) -> None:
-    spec = write_spec(
+    spec = crash_spec(
         tmp_path / "eval",
-        base_url=slow_server.url,
+        slow_server,
         n_items=300,
-        batch_size=BATCH_SIZE,
-        model={"concurrency": CONCURRENCY},
         grace_period_s=60,
     )
     logs = tmp_path / "logs"
