@@ -243,6 +243,15 @@ def test_server(
     server_main(["--port", str(port), "--latency", str(latency), "--mode", mode])
 
 
+def _register_commands() -> None:
+    from shardeval.commands import register_all
+
+    register_all(app)
+
+
+_register_commands()
+
+
 def _spec_source(spec: str) -> str:
     return spec if "://" in spec else str(Path(spec).expanduser().resolve())
 
