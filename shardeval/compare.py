@@ -36,6 +36,7 @@ from shardeval.paired_stats import (
 from shardeval.status import RunNotFound, _not_found_hint, _not_found_message
 from shardeval.storage import RunStore
 
+EXIT_QUALITY_GATE = 3
 KEY = ["item_id", "trial"]
 DECIMALS = 6
 MAX_FLIPS = 1000
@@ -46,6 +47,12 @@ class RunNotComplete(ShardevalError):
     """The run exists but has no metrics.json yet: it is running, stopped or failed."""
 
     exit_code = EXIT_USAGE
+
+
+class RegressionDetected(ShardevalError):
+    """``--fail-on-regression`` and a metric's verdict is regression: the quality gate (exit 3)."""
+
+    exit_code = EXIT_QUALITY_GATE
 
 
 class UnknownMetric(ShardevalError):
