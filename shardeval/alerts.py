@@ -198,38 +198,52 @@ def install_automation(block: str, name: str = DEFAULT_AUTOMATION) -> tuple[UUID
     Raises:
         AlertSetupError: no Prefect server is configured, or no such notification block.
     """
-    from datetime import timedelta
-
-    from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+    import httpx
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
         raise AlertSetupError(
             "alerts need a Prefect server: PREFECT_API_URL is not set",
             hint="start one (`prefect server start`) and set PREFECT_API_URL, "
             "or `prefect config set PREFECT_API_URL=...`",
         )
-    with get_client(sync_client=True) as client:
-        block_id = _notification_block_id(client, block)
-        automation = Automation(
-            name=name,
-            description="shardeval: notify when a run's comparison with its baseline regresses",
-            enabled=True,
-            trigger=EventTrigger(
-                expect={REGRESSION_EVENT},
-                match={"prefect.resource.id": "shardeval.run.*"},
-                posture=Posture.Reactive,
-                threshold=1,
-                within=timedelta(0),
-            ),
-            actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],
-        )
-        existing = client.read_automations_by_name(name=name)
-        if existing:
-            client.update_automation(existing[0].id, automation)
-            return existing[0].id, False
-        return client.create_automation(automation), True
+    try:
+        with get_client(sync_client=True) as client:
+            return _install(client, block, name)
+    except (PrefectHTTPStatusError, httpx.HTTPError) as exc:
+        raise ShardevalError(
+            f"could not install automation {name!r} on the Prefect server at {api_url}: {exc}",
+            hint="check that the server is up (`prefect server start`) and PREFECT_API_URL",
+        ) from exc
+
+
+def _install(client: Any, block: str, name: str) -> tuple[UUID, bool]:
+    from datetime import timedelta
+
+    from prefect.automations import AutomationCore, EventTrigger, Posture, SendNotification
+
+    block_id = _notification_block_id(client, block)
+    automation = AutomationCore(
+        name=name,
+        description="shardeval: notify when a run's comparison with its baseline regresses",
+        enabled=True,
+        trigger=EventTrigger(
+            expect={REGRESSION_EVENT},
+            match={"prefect.resource.id": "shardeval.run.*"},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],
+    )
+    existing = client.read_automations_by_name(name=name)
+    if existing:  # update in place: installing twice must not notify twice
+        client.update_automation(existing[0].id, automation)
+        return existing[0].id, False
+    return client.create_automation(automation), True
 
 
 def _notification_block_id(client: Any, block: str) -> UUID:
