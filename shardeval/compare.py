@@ -26,10 +26,12 @@ import pandas as pd
 
 from shardeval.errors import EXIT_USAGE, ShardevalError
 from shardeval.paired_stats import (
+    BOOTSTRAP_MAX_ITEMS,
     clustered_se,
     holm,
     mcnemar_exact,
     minimum_detectable_effect,
+    normal_p,
     paired_bootstrap_p,
     z_value,
 )
@@ -320,14 +322,22 @@ def _compare_metric(
     binary = bool(n) and bool(np.all(np.isin(b, (0.0, 1.0)) & np.isin(c, (0.0, 1.0))))
     up, down = d > 0, d < 0
     fixed, broken = int(up.sum()), int(down.sum())
-    test = "mcnemar" if binary and n_items == n else "bootstrap"
+    if binary and n_items == n:
+        test = "mcnemar"
+    else:
+        test = "bootstrap" if n_items <= BOOTSTRAP_MAX_ITEMS else "z"
     if n == 0:
         return MetricComparison(
             name, 0, 0, len(scored), None, None, None, None, None, None, test, 0, 0, None
         )
     delta = float(d.mean())
     se = clustered_se(d, items)
-    p = mcnemar_exact(broken, fixed) if test == "mcnemar" else paired_bootstrap_p(d, items)
+    if test == "mcnemar":
+        p = mcnemar_exact(broken, fixed)
+    elif test == "bootstrap":
+        p = paired_bootstrap_p(d, items)
+    else:
+        p = normal_p(delta, se)
     half = z_value(alpha) * se
     mde = minimum_detectable_effect(se, alpha)
     positions = np.flatnonzero(scored)

@@ -80,11 +80,12 @@ def compare(
 def print_comparison(comparison: Comparison) -> None:
     """The metrics table, warnings, then per metric the broken rows first, then the fixed."""
     out_console.print(comparison_table(comparison))
-    out_console.print(
+    line = Text(
         f"rows aligned: {comparison.n_aligned:,} · only in base: {comparison.only_base:,} · "
-        f"only in candidate: {comparison.only_cand:,} · overall: ",
-        Text(comparison.verdict, style=_VERDICT_STYLE[comparison.verdict]),
+        f"only in candidate: {comparison.only_cand:,} · overall: "
     )
+    line.append(comparison.verdict, style=_VERDICT_STYLE[comparison.verdict])
+    out_console.print(line)
     for warning in comparison.warnings:
         err_console.print(f"[yellow]warning[/]: {warning}", markup=True, highlight=False)
     for kind in ("broken", "fixed"):

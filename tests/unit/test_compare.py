@@ -236,3 +236,46 @@ def test_read_run_errors(tmp_path: Path) -> None:
     with pytest.raises(RunNotComplete) as incomplete:
         read_run("arith-99", str(tmp_path))
     assert incomplete.value.exit_code == 2 and "not complete" in str(incomplete.value)
+
+
+def test_many_items_use_the_normal_test() -> None:
+    from statistics import NormalDist
+
+    from shardeval.paired_stats import BOOTSTRAP_MAX_ITEMS
+
+    n = BOOTSTRAP_MAX_ITEMS + 1
+    rng = random.Random(3)
+    base = frame({"score": [rng.random() for _ in range(n)]})
+    cand = frame({"score": [v - 0.01 + rng.gauss(0, 0.05) for v in base.score_score]})
+    m = compare_results(base, cand, base_id="a", cand_id="b").metrics["score"]
+    assert m.test == "z"
+    assert m.p == pytest.approx(2 * (1 - NormalDist().cdf(abs(m.delta) / m.se)), rel=1e-3)
+
+
+def metrics_json(run_id: str, finished_at: str, name: str = "arith") -> dict[str, object]:
+    return {"run_id": run_id, "name": name, "complete": True, "finished_at": finished_at}
+
+
+def test_find_baseline_previous_tag_and_run_id(tmp_path: Path) -> None:
+    from shardeval.history import find_baseline, list_complete_runs
+
+    for run_id, finished, name in [
+        ("n1", "2026-11-01T01:00:00+00:00", "arith"),
+        ("n2", "2026-11-02T01:00:00+00:00", "arith"),
+        ("other", "2026-11-02T12:00:00+00:00", "qa"),
+        ("n3", "2026-11-03T01:00:00+00:00", "arith"),
+    ]:
+        store = RunStore(str(tmp_path), run_id)
+        store.write_json(store.metrics_path, metrics_json(run_id, finished, name))
+    RunStore(str(tmp_path), "n4").write_json(RunStore(str(tmp_path), "n4").spec_path, {})
+    tags = RunStore(str(tmp_path), "n1")
+    tags.write_json(tags.path("tags.json"), ["baseline"])
+    out = str(tmp_path)
+    assert [m["run_id"] for m in list_complete_runs(out, "arith")] == ["n1", "n2", "n3"]
+    assert find_baseline(out, "arith", "n3") == "n2"
+    assert find_baseline(out, "arith", "n2") == "n1"
+    assert find_baseline(out, "arith", "n1") is None
+    assert find_baseline(out, "arith", "n4") == "n3"  # not finished yet: the latest complete
+    assert find_baseline(out, "arith", "n3", "tag:baseline") == "n1"
+    assert find_baseline(out, "arith", "n3", "tag:gold") is None
+    assert find_baseline(out, "arith", "n3", "n1") == "n1"
