@@ -24,6 +24,8 @@ from shardeval.errors import EXIT_USAGE, ShardevalError
 if TYPE_CHECKING:
     from uuid import UUID
 
+    from prefect.automations import AutomationCore
+
     from shardeval.compare import Comparison
 
 REGRESSION_EVENT = "shardeval.regression.detected"
@@ -220,13 +222,13 @@ def install_automation(block: str, name: str = DEFAULT_AUTOMATION) -> tuple[UUID
         ) from exc
 
 
-def _install(client: Any, block: str, name: str) -> tuple[UUID, bool]:
+def build_automation(block_document_id: UUID, name: str = DEFAULT_AUTOMATION) -> AutomationCore:
+    """The Automation: on each regression event of any shardeval run, notify through the block."""
     from datetime import timedelta
 
     from prefect.automations import AutomationCore, EventTrigger, Posture, SendNotification
 
-    block_id = _notification_block_id(client, block)
-    automation = AutomationCore(
+    return AutomationCore(
         name=name,
         description="shardeval: notify when a run's comparison with its baseline regresses",
         enabled=True,
@@ -237,8 +239,12 @@ def _install(client: Any, block: str, name: str) -> tuple[UUID, bool]:
             threshold=1,
             within=timedelta(0),
         ),
-        actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],
+        actions=[SendNotification(block_document_id=block_document_id, subject=SUBJECT, body=BODY)],
     )
+
+
+def _install(client: Any, block: str, name: str) -> tuple[UUID, bool]:
+    automation = build_automation(_notification_block_id(client, block), name)
     existing = client.read_automations_by_name(name=name)
     if existing:  # update in place: installing twice must not notify twice
         client.update_automation(existing[0].id, automation)

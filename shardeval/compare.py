@@ -17,7 +17,6 @@ This module reads runs but never writes, and imports no Prefect.
 from __future__ import annotations
 
 import difflib
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,20 +34,13 @@ from shardeval.paired_stats import (
     paired_bootstrap_p,
     z_value,
 )
-from shardeval.status import RunNotFound, _not_found_hint, _not_found_message
-from shardeval.storage import RunStore
+from shardeval.run_reader import StoredRun, read_run
 
 EXIT_QUALITY_GATE = 3
 KEY = ["item_id", "trial"]
 DECIMALS = 6
 MAX_FLIPS = 1000
 """Flip lists keep at most this many rows per direction and metric (counts stay exact)."""
-
-
-class RunNotComplete(ShardevalError):
-    """The run exists but has no metrics.json yet: it is running, stopped or failed."""
-
-    exit_code = EXIT_USAGE
 
 
 class RegressionDetected(ShardevalError):
@@ -203,7 +195,7 @@ def compare_results(
     names = _metric_names(base, cand, metrics, base_id, cand_id, warnings)
     both = base.index.intersection(cand.index)
     only_base, only_cand = len(base.index) - len(both), len(cand.index) - len(both)
-    _dataset_warnings(base_meta, cand_meta, base, cand, only_base, only_cand, len(both), warnings)
+    _dataset_warnings(base_meta, cand_meta, base, cand, both, warnings)
     base, cand = base.loc[both], cand.loc[both]
     compared = {name: _compare_metric(name, base, cand, alpha) for name in names}
     adjusted = holm([m.p for m in compared.values()])
@@ -282,18 +274,19 @@ def _dataset_warnings(
     cand_meta: dict[str, Any] | None,
     base: pd.DataFrame,
     cand: pd.DataFrame,
-    only_base: int,
-    only_cand: int,
-    common: int,
+    both: pd.MultiIndex,
     warnings: list[str],
 ) -> None:
+    only_base, only_cand, common = len(base) - len(both), len(cand) - len(both), len(both)
+
     def fingerprint(meta: dict[str, Any] | None) -> Any:
         return ((meta or {}).get("dataset") or {}).get("fingerprint")
 
     fb, fc = fingerprint(base_meta), fingerprint(cand_meta)
-    items_b = set(base.index.get_level_values("item_id"))
-    items_c = set(cand.index.get_level_values("item_id"))
-    if (fb and fc and fb != fc) or items_b != items_c:
+    items_b = base.index.get_level_values("item_id").nunique()
+    items_c = cand.index.get_level_values("item_id").nunique()
+    same_items = items_b == items_c == both.get_level_values("item_id").nunique()
+    if (fb and fc and fb != fc) or not same_items:
         warnings.append(
             f"the runs are over different datasets: compared on their {common:,} common rows "
             f"({only_base:,} only in the base, {only_cand:,} only in the candidate, left out)"
@@ -362,29 +355,44 @@ def _compare_metric(
 
 
 def _flips(name: str, base: pd.DataFrame, cand: pd.DataFrame, rows: np.ndarray) -> list[Flip]:
-    def text(frame: pd.DataFrame, column: str, row: int) -> str | None:
-        if column not in frame.columns:
-            return None
-        value = frame[column].iloc[row]
-        return None if pd.isna(value) else str(value)
+    """The flipped rows as :class:`Flip` records (each column is read once, for these rows)."""
+    if rows.size == 0:
+        return []
 
-    target_column = f"target_{name}"
-    flips = []
-    for row in rows.tolist():
-        item_id, trial = base.index[row]
-        flips.append(
-            Flip(
-                item_id=str(item_id),
-                trial=int(trial),
-                base_score=float(base[f"score_{name}"].iloc[row]),
-                cand_score=float(cand[f"score_{name}"].iloc[row]),
-                base_response=text(base, "response", row),
-                cand_response=text(cand, "response", row),
-                target=text(cand, target_column, row) or text(base, target_column, row),
-                prompt=text(cand, "prompt", row) or text(base, "prompt", row),
-            )
+    def texts(frame: pd.DataFrame, column: str) -> list[str | None]:
+        if column not in frame.columns:
+            return [None] * rows.size
+        values = frame[column].iloc[rows].tolist()
+        return [None if v is None or v != v else str(v) for v in values]  # v != v: NaN
+
+    def first(a: list[str | None], b: list[str | None]) -> list[str | None]:
+        return [x if x is not None else y for x, y in zip(a, b, strict=True)]
+
+    keys = base.index[rows].tolist()
+    targets = first(texts(cand, f"target_{name}"), texts(base, f"target_{name}"))
+    prompts = first(texts(cand, "prompt"), texts(base, "prompt"))
+    return [
+        Flip(
+            item_id=str(item_id),
+            trial=int(trial),
+            base_score=float(b),
+            cand_score=float(c),
+            base_response=br,
+            cand_response=cr,
+            target=target,
+            prompt=prompt,
         )
-    return flips
+        for (item_id, trial), b, c, br, cr, target, prompt in zip(
+            keys,
+            base[f"score_{name}"].iloc[rows].tolist(),
+            cand[f"score_{name}"].iloc[rows].tolist(),
+            texts(base, "response"),
+            texts(cand, "response"),
+            targets,
+            prompts,
+            strict=True,
+        )
+    ]
 
 
 def _round(value: float) -> float:
@@ -394,60 +402,6 @@ def _round(value: float) -> float:
 def _significant(value: float) -> float:
     """P-values keep 6 significant digits: a small one must not round to 0."""
     return float(f"{value:.6g}")
-
-
-# ------------------------------------------------------------------------------ reading runs
-@dataclass(frozen=True)
-class StoredRun:
-    """What a comparison needs of one complete run."""
-
-    run_id: str
-    metrics: dict[str, Any]
-    results: pd.DataFrame
-    results_url: str
-    metrics_url: str
-
-
-def read_run(run_id: str, output: str, columns: list[str] | None = None) -> StoredRun:
-    """A complete run's results.parquet (as pandas) and metrics.json.
-
-    One small function on purpose: ``shardeval.open_run`` can replace it.
-
-    Raises:
-        RunNotFound: no such run under ``output`` (exit 2; the hint names the closest ones).
-        RunNotComplete: the run has no metrics.json yet, or lost its results.parquet (exit 2).
-    """
-    store = RunStore(output, run_id)
-    metrics = store.read_json(store.metrics_path)
-    if not isinstance(metrics, dict):
-        if not store.exists(store.root):
-            raise RunNotFound(_not_found_message(store, run_id), hint=_closest_hint(store, run_id))
-        raise RunNotComplete(
-            f"run {run_id!r} under {store.url_of(posixpath.dirname(store.root))} is not complete "
-            "(it has no metrics.json): it is still running, was stopped, or failed",
-            hint=f"`shardeval status {run_id}` shows what it holds; rerun it to finish it",
-        )
-    table = store.read_table(store.results_path, columns)
-    if table is None:
-        raise RunNotComplete(
-            f"run {run_id!r} has metrics.json but no readable results.parquet",
-            hint="rerun it (the same command) to rewrite its results from storage",
-        )
-    return StoredRun(
-        run_id=run_id,
-        metrics=metrics,
-        results=table.to_pandas(),
-        results_url=store.url(posixpath.basename(store.results_path)),
-        metrics_url=store.url(posixpath.basename(store.metrics_path)),
-    )
-
-
-def _closest_hint(store: RunStore, run_id: str) -> str:
-    names = [posixpath.basename(p) for p in store._list(posixpath.dirname(store.root))]
-    close = difflib.get_close_matches(run_id, names, n=5, cutoff=0.4)
-    if close:
-        return f"closest run ids there: {', '.join(close)}"
-    return _not_found_hint(store)
 
 
 def compare_runs(

@@ -16,7 +16,8 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardeval.compare import UnknownMetric, compare_results, read_run
+from shardeval.compare import UnknownMetric, compare_results
+from shardeval.run_reader import read_run
 from shardeval.storage import RunStore
 
 TAG_PREFIX = "tag:"

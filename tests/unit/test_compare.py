@@ -13,13 +13,9 @@ import pyarrow as pa
 import pytest
 from scipy.stats import binomtest
 
-from shardeval.compare import (
-    RunNotComplete,
-    UnknownMetric,
-    compare_results,
-    read_run,
-)
+from shardeval.compare import UnknownMetric, compare_results
 from shardeval.paired_stats import holm, mcnemar_exact, paired_bootstrap_p
+from shardeval.run_reader import RunNotComplete, read_run
 from shardeval.status import RunNotFound
 from shardeval.storage import RunStore
 
