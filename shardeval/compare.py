@@ -11,7 +11,7 @@ statistics and docs/compare.md for the reasoning). What counts, and what is left
   outage into a "regression" of the model; ``metrics.json`` leaves them out of the means too.
 * **Higher is better** for every metric: a significant negative delta is a ``regression``.
 
-This module reads runs but never writes, and imports no Prefect.
+This module imports no Prefect; :mod:`shardeval.run_reader` reads the runs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 One small function (:func:`read_run`) on purpose: ``shardeval.open_run`` can replace it. It
 reads through :class:`~shardeval.storage.RunStore` (never a Python file object) and raises
-exit-2 errors for a run id that does not exist or a run that is not complete.
+exit-2 errors for a run id that does not exist or a run that is not complete. Its one side
+effect is RunStore's: a metrics.json or results.parquet that does not parse is moved to the
+run's ``quarantine/`` (never deleted), and the run reads as incomplete until it is rerun.
 """
 
 from __future__ import annotations
