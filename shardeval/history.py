@@ -16,6 +16,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from shardeval.catalog import list_run_ids, runs_dir
 from shardeval.compare import UnknownMetric, compare_results
 from shardeval.run_reader import read_run
 from shardeval.storage import RunStore
@@ -28,10 +29,9 @@ def list_complete_runs(output: str, name: str | None = None) -> list[dict[str, A
 
     Sorted by ``finished_at`` (ISO 8601 UTC, so text order is time order), then run id.
     """
-    store = RunStore(output, "_")
-    runs_dir = posixpath.dirname(store.root)
-    run_dirs = store._list(runs_dir)
-    paths = [posixpath.join(d, "metrics.json") for d in run_dirs]
+    store = runs_dir(output)
+    parent = posixpath.dirname(store.root)
+    paths = [posixpath.join(parent, run_id, "metrics.json") for run_id in list_run_ids(output)]
     found = []
     for data in _cat(store, paths):
         try:

@@ -9,16 +9,14 @@ run's ``quarantine/`` (never deleted), and the run reads as incomplete until it 
 
 from __future__ import annotations
 
-import difflib
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from shardeval.catalog import open_store
 from shardeval.errors import EXIT_USAGE, ShardevalError
-from shardeval.status import RunNotFound, _not_found_hint, _not_found_message
-from shardeval.storage import RunStore
 
 
 class RunNotComplete(ShardevalError):
@@ -44,14 +42,13 @@ def read_run(run_id: str, output: str, columns: list[str] | None = None) -> Stor
     One small function on purpose: ``shardeval.open_run`` can replace it.
 
     Raises:
-        RunNotFound: no such run under ``output`` (exit 2; the hint names the closest ones).
+        RunNotFound: no such run under ``output`` (exit 2; the hint names the closest ones,
+            see :func:`shardeval.catalog.open_store`).
         RunNotComplete: the run has no metrics.json yet, or lost its results.parquet (exit 2).
     """
-    store = RunStore(output, run_id)
+    store = open_store(output, run_id)
     metrics = store.read_json(store.metrics_path)
     if not isinstance(metrics, dict):
-        if not store.exists(store.root):
-            raise RunNotFound(_not_found_message(store, run_id), hint=_closest_hint(store, run_id))
         raise RunNotComplete(
             f"run {run_id!r} under {store.url_of(posixpath.dirname(store.root))} is not complete "
             "(it has no metrics.json): it is still running, was stopped, or failed",
@@ -70,11 +67,3 @@ def read_run(run_id: str, output: str, columns: list[str] | None = None) -> Stor
         results_url=store.url(posixpath.basename(store.results_path)),
         metrics_url=store.url(posixpath.basename(store.metrics_path)),
     )
-
-
-def _closest_hint(store: RunStore, run_id: str) -> str:
-    names = [posixpath.basename(p) for p in store._list(posixpath.dirname(store.root))]
-    close = difflib.get_close_matches(run_id, names, n=5, cutoff=0.4)
-    if close:
-        return f"closest run ids there: {', '.join(close)}"
-    return _not_found_hint(store)

@@ -45,9 +45,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _output(output: str | None) -> str:
-    from shardeval.spec import EvalSpec
+    from shardeval.catalog import DEFAULT_OUTPUT
 
-    return output or str(EvalSpec.model_fields["output"].default)
+    return output or DEFAULT_OUTPUT
 
 
 def compare(

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 from scipy.stats import binomtest
 
+from shardeval.catalog import RunNotFound
 from shardeval.compare import UnknownMetric, compare_results
 from shardeval.paired_stats import holm, mcnemar_exact, paired_bootstrap_p
 from shardeval.run_reader import RunNotComplete, read_run
-from shardeval.status import RunNotFound
 from shardeval.storage import RunStore
 
 N = 200
@@ -214,6 +214,7 @@ def test_to_dict_has_the_design_keys() -> None:
 
 def write_run(output: Path, run_id: str, df: pd.DataFrame, *, complete: bool = True) -> None:
     store = RunStore(str(output), run_id)
+    store.write_json(store.spec_path, {"spec": {"name": "arith"}})
     store.write_table(store.results_path, pa.Table.from_pandas(df, preserve_index=False))
     if complete:
         store.write_json(store.metrics_path, {"run_id": run_id, "name": "arith", "complete": True})
