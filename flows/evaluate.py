@@ -31,6 +31,7 @@ from shardeval.taskrunners import (
     make_task_runner,
 )
 from tasks.aggregate import aggregate
+from tasks.compare import compare_to_baseline
 from tasks.shard import prepare_run
 
 
@@ -63,6 +64,7 @@ def evaluate(
     wait: bool = False,
     task_runner: str = "threads",
     dask_address: str | None = None,
+    baseline: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on a dataset, resuming whatever a previous attempt finished.
 
@@ -82,9 +84,13 @@ def evaluate(
             (worker processes of a local Dask cluster, or of ``dask_address``; needs the
             ``[dask]`` extra and a Prefect server). See docs/distributed.md.
         dask_address: an existing Dask scheduler, e.g. ``tcp://10.0.0.5:8786``.
+        baseline: compare the complete run with ``previous`` (the latest complete earlier run
+            of the same eval), ``tag:NAME`` or a run id; the comparison is stored as
+            comparison.json, published as an artifact, and a regression emits the event
+            ``shardeval.regression.detected`` (docs/alerts.md).
 
     Returns:
-        The run's metrics.json content.
+        The run's metrics.json content (with ``comparison`` when compared).
     """
     runner_kind = check_task_runner(task_runner, dask_address)
     session = prepare_run(
@@ -113,7 +119,9 @@ def evaluate(
                 progress.set_phase(stage.phase)
                 session.require(stage, submit_batches(stage, progress, runner=runner))
         progress.set_phase("aggregating")
-        return aggregate(session)
+        summary = aggregate(session)
+    comparison = compare_to_baseline(session, summary, baseline)
+    return {**summary, "comparison": comparison} if comparison else summary
 
 
 def prefect_runner_signalled() -> bool:

@@ -188,6 +188,22 @@ def publish_comparison(comparison: Comparison, run_info: Mapping[str, Any]) -> d
     }
 
 
+def publish_completed(run_info: Mapping[str, Any]) -> str | None:
+    """Emit ``shardeval.run.completed`` for a run compared with nothing (no baseline yet)."""
+    from prefect.events import emit_event
+
+    run_id = str(run_info.get("run_id"))
+    event = emit_event(
+        event=COMPLETED_EVENT,
+        resource={
+            "prefect.resource.id": f"shardeval.run.{run_id}",
+            "prefect.resource.name": run_id,
+        },
+        payload={**run_info, "verdict": None},
+    )
+    return str(event.id) if event is not None else None
+
+
 # ------------------------------------------------------------------------------ the automation
 def install_automation(block: str, name: str = DEFAULT_AUTOMATION) -> tuple[UUID, bool]:
     """Create or update the Automation that notifies through ``block``; (id, created).

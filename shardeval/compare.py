@@ -55,6 +55,10 @@ class UnknownMetric(ShardevalError):
     exit_code = EXIT_USAGE
 
 
+STORED_FLIPS = 100
+"""Broken and fixed rows per metric kept in a comparison's JSON (counts stay exact)."""
+
+
 @dataclass(frozen=True)
 class Flip:
     """One row whose score changed between the runs."""
@@ -147,8 +151,12 @@ class Comparison:
             for name, m in self.metrics.items()
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object of design.md ("Comparison"), plus verdict, alpha and warnings."""
+    def to_dict(self, *, flips: int = STORED_FLIPS) -> dict[str, Any]:
+        """The JSON object of design.md ("Comparison"), plus verdict, alpha and warnings.
+
+        ``flips`` holds the first broken and fixed rows of each metric (what a report or a
+        reader of comparison.json shows side by side).
+        """
         return {
             "base": self.base,
             "cand": self.cand,
@@ -159,7 +167,39 @@ class Comparison:
             "verdict": self.verdict,
             "alpha": self.alpha,
             "warnings": list(self.warnings),
+            "flips": {
+                name: {
+                    "broken": [f.to_dict() for f in m.broken_rows[:flips]],
+                    "fixed": [f.to_dict() for f in m.fixed_rows[:flips]],
+                }
+                for name, m in self.metrics.items()
+            },
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Comparison:
+        """A comparison read back from :meth:`to_dict` (flips as far as they were kept)."""
+        flips = data.get("flips") or {}
+        metrics = {}
+        for name, m in data["metrics"].items():
+            kept = flips.get(name) or {}
+            fields = {k: m[k] for k in MetricComparison.__dataclass_fields__ if k in m}
+            metrics[name] = MetricComparison(
+                name=name,
+                **{k: v for k, v in fields.items() if k != "name"},
+                broken_rows=[Flip(**f) for f in kept.get("broken", [])],
+                fixed_rows=[Flip(**f) for f in kept.get("fixed", [])],
+            )
+        return cls(
+            base=data["base"],
+            cand=data["cand"],
+            n_aligned=data["n_aligned"],
+            only_base=data["only_base"],
+            only_cand=data["only_cand"],
+            alpha=data.get("alpha", 0.05),
+            metrics=metrics,
+            warnings=list(data.get("warnings") or []),
+        )
 
 
 def compare_results(

@@ -7,7 +7,7 @@ gate of a CI script or a nightly job: exit 3 when a metric's verdict is ``regres
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -63,18 +63,37 @@ def compare(
     alpha: AlphaOpt = 0.05,
 ) -> None:
     """Compare two runs item by item: paired deltas, CIs, p-values, flips and a verdict."""
-    from shardeval.compare import RegressionDetected, compare_runs
+    from shardeval.compare import compare_runs
 
     comparison, _, _ = compare_runs(base, cand, _output(output), metrics=metric, alpha=alpha)
     if as_json:
         print(json.dumps(comparison.to_dict(), indent=2))
     else:
         print_comparison(comparison)
-    if fail_on_regression and comparison.verdict == "regression":
-        regressed = [n for n, m in comparison.metrics.items() if m.verdict == "regression"]
-        raise RegressionDetected(
-            f"quality gate failed: {cand} regressed against {base} on {', '.join(regressed)}"
-        )
+    if fail_on_regression:
+        gate(comparison)
+
+
+def gate(comparison: Comparison | dict[str, Any]) -> None:
+    """The quality gate: raise :class:`RegressionDetected` (exit 3) on any regression."""
+    from shardeval.compare import Comparison, RegressionDetected
+
+    if isinstance(comparison, dict):
+        comparison = Comparison.from_dict(comparison)
+    if comparison.verdict != "regression":
+        return
+    regressed = [n for n, m in comparison.metrics.items() if m.verdict == "regression"]
+    raise RegressionDetected(
+        f"quality gate failed: {comparison.cand} regressed against {comparison.base} on "
+        + ", ".join(regressed)
+    )
+
+
+def print_comparison_dict(data: dict[str, Any]) -> None:
+    """:func:`print_comparison` of a comparison's JSON object (comparison.json)."""
+    from shardeval.compare import Comparison
+
+    print_comparison(Comparison.from_dict(data))
 
 
 def print_comparison(comparison: Comparison) -> None:

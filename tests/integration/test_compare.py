@@ -134,3 +134,45 @@ def test_history_and_baseline(runs: dict[str, Any], run_cli) -> None:
     assert find_baseline(output, "arith", "night-1") is None
     assert find_baseline(output, "other", "night-3") is None
     assert find_baseline(output, "arith", "night-3", "night-1") == "night-1"
+
+
+def test_run_with_a_baseline_stores_the_comparison_and_gates(
+    tmp_path, prefect_api, run_cli
+) -> None:
+    """``run --baseline previous``: compared with the latest complete earlier run of the eval."""
+    from shardeval.testing.server import ServerConfig
+
+    items = arith_items(N_ITEMS, seed=3)
+    server = TestServer.start_in_thread(ServerConfig())
+    try:
+        spec = write_spec(tmp_path / "eval", base_url=server.url, items=items, name="arith")
+        output = tmp_path / "eval" / "runs"
+        first = run_cli("run", str(spec), "--run-id", "n1", "--baseline", "previous", "-q")
+        assert first.returncode == 0, first.stderr
+        assert "no baseline yet" in first.stderr
+        server.configure(wrong_every=3)
+        gated = run_cli(
+            "run", str(spec), "--run-id", "n2", "--baseline", "previous",
+            "--fail-on-regression", "-q", COLUMNS="200",
+        )  # fmt: skip
+        assert gated.returncode == 3, gated.stdout + gated.stderr
+        assert "n1 → n2" in gated.stdout and "quality gate failed" in gated.stderr
+        stored = json.loads((output / "runs" / "n2" / "comparison.json").read_text())
+        broken, fixed = expected_flips(items)
+        metric = stored["metrics"]["exact_match"]
+        assert (stored["base"], metric["broken"], metric["fixed"]) == (
+            "n1",
+            len(broken),
+            len(fixed),
+        )
+        assert {f["item_id"] for f in stored["flips"]["exact_match"]["broken"]} == broken
+        # Answered from storage, the comparison is made again without Prefect; same gate.
+        again = run_cli(
+            "run", str(spec), "--run-id", "n2", "--baseline", "n1", "--fail-on-regression", "-q"
+        )
+        assert again.returncode == 3, again.stdout + again.stderr
+        assert "answered from storage" in again.stderr
+        bad = run_cli("run", str(spec), "--fail-on-regression")
+        assert bad.returncode == 2 and "--baseline" in bad.stderr
+    finally:
+        server.stop()
