@@ -9,6 +9,7 @@ only on the data (timestamps aside): two runs over the same stored results give 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardeval import __version__
+from shardeval.cost import CostTally, cost_summary, judge_tallies
 from shardeval.hashing import digest
 from shardeval.metrics import Metric, score_row, summarize
 from shardeval.metrics.trials import bootstrap_ci95, item_means, trial_statistics
@@ -46,8 +48,21 @@ def finalize(
     *,
     started_at: datetime,
     finished_at: datetime,
+    sent_keys: Collection[str] | None = None,
 ) -> Finalized:
-    """Write results.parquet (dataset order), then metrics.json (the previous one to history/)."""
+    """Write results.parquet (dataset order), then metrics.json (the previous one to history/).
+
+    Args:
+        store: the run's storage.
+        plan: the attempt's plan (rows in dataset order, batches).
+        metrics: the metrics to score with (judges' scorers loaded with their judgements).
+        started_at: when this attempt started.
+        finished_at: when its requests finished.
+        sent_keys: item keys (the run's and its judges') sent to a model in this attempt, for
+            ``cost.saved_usd``; None decides by each row's stored ``finished_at`` against
+            ``started_at`` instead (see :mod:`shardeval.cost`).
+    """
+    costs = CostTally("model", plan.spec.model, started_at=started_at, sent_keys=sent_keys)
     chunks: list[pa.Table] = []
     groups: list[str] = []
     score_errors: Counter[str] = Counter()
@@ -56,7 +71,9 @@ def finalize(
         if stored is None:
             raise FileNotFoundError(f"committed batch {batch.key} vanished before finalizing")
         rows = plan.rows.slice(batch.start, batch.stop - batch.start)
-        chunk, chunk_groups = _score_chunk(plan, rows, conform(stored), metrics, score_errors)
+        chunk, chunk_groups = _score_chunk(
+            plan, rows, conform(stored), metrics, score_errors, costs
+        )
         chunks.append(chunk)
         groups.extend(chunk_groups)
     score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})
@@ -78,6 +95,12 @@ def finalize(
         summary["by_group"] = _by_group(table, groups, score_columns)
     summary["started_at"] = started_at.isoformat(timespec="seconds")
     summary["finished_at"] = finished_at.isoformat(timespec="seconds")
+    judges = judge_tallies(store, metrics, started_at=started_at, sent_keys=sent_keys)
+    summary["cost"] = cost_summary([costs, *judges])
+    if plan.spec.report:
+        from shardeval.report.writer import write_report_quietly
+
+        write_report_quietly(store, table, summary)
     store.write_json(store.metrics_path, summary)
     store.tidy()
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))
@@ -98,8 +121,9 @@ def _score_chunk(
     stored: pa.Table,
     metrics: list[Metric],
     score_errors: Counter[str],
+    costs: CostTally,
 ) -> tuple[pa.Table, list[str]]:
-    """One batch's result rows (plan order, scored) and each row's group label."""
+    """One batch's result rows (plan order, scored, priced) and each row's group label."""
     indices = pc.index_in(rows.column("item_key"), value_set=stored.column("item_key"))
     if indices.null_count:
         raise ValueError("a committed batch lacks some of its rows")  # its key says otherwise
@@ -108,6 +132,7 @@ def _score_chunk(
         "item_id": rows.column("item_id"),
         "item_index": rows.column("item_index"),
         "trial": rows.column("trial"),
+        "cost_usd": costs.add(generation),
     }
     for field in RESULT_BASE_FIELDS:
         if field.name not in columns:
