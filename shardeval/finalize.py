@@ -100,7 +100,8 @@ def finalize(
     if plan.spec.report:
         from shardeval.report.writer import write_report_quietly
 
-        write_report_quietly(store, table, summary)
+        if (report_url := write_report_quietly(store, table, summary)) is not None:
+            summary["report"] = report_url
     store.write_json(store.metrics_path, summary)
     store.tidy()
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))

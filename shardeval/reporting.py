@@ -112,4 +112,6 @@ def summary_markdown(
     if errors:
         lines.append("- errors by kind: " + ", ".join(f"{k}: {v}" for k, v in errors.items()))
     lines += ["", f"- results: `{results_uri}`", f"- metrics: `{metrics_uri}`"]
+    if summary.get("report"):
+        lines.append(f"- report: `{summary['report']}` (one self-contained page)")
     return "\n".join(lines) + "\n"

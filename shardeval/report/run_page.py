@@ -36,6 +36,8 @@ def build_run_report(
     metrics_json: dict[str, Any],
     spec_json: dict[str, Any] | None,
     comparison: dict[str, Any] | None = None,
+    *,
+    base_results: Any = None,
 ) -> str:
     """The HTML page of one run.
 
@@ -44,6 +46,7 @@ def build_run_report(
         metrics_json: the run's metrics.json content.
         spec_json: the run's spec.json content (its ``spec`` key is the resolved spec), or None.
         comparison: a ``compare --json`` dict (plus ``flips``) to show against a base run.
+        base_results: that base run's results (for broken items side by side), if any.
     """
     results = as_table(results_df)
     summary = metrics_json
@@ -63,7 +66,13 @@ def build_run_report(
     if comparison is not None:
         from shardeval.report.compare_page import comparison_body
 
-        parts.append(section("Comparison", comparison_body(comparison), anchor="comparison"))
+        parts.append(
+            section(
+                "Comparison",
+                comparison_body(comparison, base_results, results),
+                anchor="comparison",
+            )
+        )
     data, limit, cut = items_data(results)
     body = items_section_body(results.num_rows, limit, cut, "prompt" in results.column_names)
     parts.append(section("Items (failures first)", body, anchor="items"))

@@ -39,6 +39,7 @@ def write_run_report(
     metrics_json: dict[str, Any] | None = None,
     spec_json: dict[str, Any] | None = None,
     comparison: dict[str, Any] | None = None,
+    base_results: Any = None,
     target: str | None = None,
 ) -> str:
     """Build a run's page and write it; return where it went (a path or URL).
@@ -49,6 +50,7 @@ def write_run_report(
         metrics_json: metrics.json (read from the run if None).
         spec_json: spec.json (read from the run if None).
         comparison: a ``compare --json`` dict (plus ``flips``) to include.
+        base_results: the comparison's base run's results, for broken items side by side.
         target: a local path or fsspec URL to write to instead of ``<run>/report.html``.
 
     Raises:
@@ -70,7 +72,7 @@ def write_run_report(
             raise RunNotComplete(f"run {store.run_id!r} has no results.parquet in {store.url()}")
     if spec_json is None:
         spec_json = store.read_json(store.spec_path)
-    text = build_run_report(results, metrics_json, spec_json, comparison)
+    text = build_run_report(results, metrics_json, spec_json, comparison, base_results=base_results)
     return write_page(store, text, target)
 
 
