@@ -116,7 +116,7 @@ def print_summary(
         f"tokens: {usage.get('prompt_tokens', 0):,} prompt · "
         f"{usage.get('completion_tokens', 0):,} completion"
     )
-    cost = cost_text(summary)
+    cost = cost_text(summary, all_from_storage=sent == 0)
     if cost:
         out_console.print(cost if summary["cost"].get("priced") else f"[yellow]{cost}[/]")
     if sent == 0:

@@ -114,10 +114,14 @@ def row_costs(prompt_tokens: Any, completion_tokens: Any, price: Price | None) -
         raise ValueError(f"{len(prompt)} prompt token counts but {len(completion)} completion")
     if price is None:
         return pa.nulls(len(prompt), pa.float64())
-    spent = pc.add(
-        pc.multiply(prompt, price.prompt_per_mtok / PER_TOKENS),
-        pc.multiply(completion, price.completion_per_mtok / PER_TOKENS),
-    )  # null + x is null: an unknown count gives an unknown cost
+    # tokens × price first, then / 1e6: fewer rounding steps than multiplying by price / 1e6.
+    spent = pc.divide(
+        pc.add(
+            pc.multiply(prompt, price.prompt_per_mtok),
+            pc.multiply(completion, price.completion_per_mtok),
+        ),  # null + x is null: an unknown count gives an unknown cost
+        float(PER_TOKENS),
+    )
     return spent.combine_chunks() if isinstance(spent, pa.ChunkedArray) else spent
 
 

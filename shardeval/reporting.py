@@ -20,11 +20,13 @@ def usd(value: float) -> str:
     return f"${value:.2g}" if abs(value) < 0.0001 else f"${value:.4f}"
 
 
-def cost_text(summary: dict[str, Any]) -> str | None:
-    """``cost: $1.23 (saved $0.40 by stored rows; price from spec)`` or ``cost unknown: ...``.
+def cost_text(summary: dict[str, Any], *, all_from_storage: bool = False) -> str | None:
+    """``cost: $1.23 (saved $0.40 by rows from storage); price from spec`` or ``cost unknown``.
 
     None for a metrics.json written before costs existed. An unpriced model is never shown
-    as $0: the line names the model(s) without a price.
+    as $0: the line names the model(s) without a price. ``all_from_storage``: this attempt
+    answered every row from storage (a rerun of a complete run), so it saved the whole cost,
+    whatever the stored metrics.json says its own attempt saved.
     """
     cost = summary.get("cost")
     if not isinstance(cost, dict):
@@ -38,7 +40,7 @@ def cost_text(summary: dict[str, Any]) -> str | None:
         missing = ", ".join(cost.get("without_tokens") or [cost.get("model") or "the model"])
         return f"cost unknown: no token counts from {missing}"
     text = f"cost: {usd(cost['usd'])}"
-    saved = cost.get("saved_usd")
+    saved = cost["usd"] if all_from_storage else cost.get("saved_usd")
     if saved:
         text += f" (saved {usd(saved)} by rows from storage)"
     text += f"; price from {cost.get('source')}"

@@ -72,9 +72,13 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def embed_json(value: Any) -> str:
-    """JSON safe inside ``<script type="application/json">`` (no ``</`` can close the tag)."""
+    """JSON safe inside ``<script type="application/json">``: no ``<``, ``>`` or ``&`` at all.
+
+    Escaping ``</`` alone is not enough: ``<!--`` followed by ``<script`` switches the HTML
+    parser into a state where the real ``</script>`` no longer ends the block.
+    """
     text = json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    return text.replace("</", "<\\/").replace("<!--", "<\\!--")
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, cls: str = "") -> str:

@@ -79,7 +79,7 @@ def build_run_report(
     if not plots.available():
         parts.insert(
             2,
-            f'<p class="note warn">Plots need matplotlib: <code>{plots.INSTALL_HINT}</code>. '
+            f'<p class="note warn">Plots need matplotlib: <code>{esc(plots.INSTALL_HINT)}</code>. '
             "The numbers below are complete without it.</p>",
         )
     parts.append(
