@@ -46,7 +46,7 @@ for(var k=shown;k<end;k++){var r=hits[k],tr=document.createElement('tr');
 tr.appendChild(cell('td',txt(r[ix.item_id])+(r[ix.trial]?' #'+r[ix.trial]:'')));
 tr.appendChild(cell('td',r[ix.status]==='ok'?'ok':(r[ix.error_kind]||'error'),
 r[ix.status]==='ok'?'status-ok':'status-error'));
-tr.appendChild(cell('td',txt(r[ix.scores]),'num'));tr.appendChild(pre(r[ix.prompt]));
+tr.appendChild(cell('td',txt(r[ix.scores])));tr.appendChild(pre(r[ix.prompt]));
 tr.appendChild(pre(r[ix.target]));
 tr.appendChild(pre(r[ix.status]==='ok'?r[ix.response]:txt(r[ix.error])));
 body.appendChild(tr);}
