@@ -158,7 +158,8 @@ def _broken(
                 esc(flip.get("metric")),
                 f"<pre>{esc(b.get('prompt'))}</pre>",
                 f"<pre>{esc(' | '.join(targets) or None)}</pre>",
-                f'<div class="side"><pre>{esc(left)}</pre><pre>{esc(right)}</pre></div>',
+                f"<pre>{esc(left)}</pre>",
+                f"<pre>{esc(right)}</pre>",
             )
         )
     note = (
@@ -167,8 +168,12 @@ def _broken(
         else ""
     )
     return (
-        f"<h3>Broken items ({len(broken):,}): base response | candidate response</h3>"
-        + table(["item", "metric", "prompt", "target", "responses"], rows, cls="items")
+        f"<h3>Broken items ({len(broken):,}), side by side</h3>"
+        + table(
+            ["item", "metric", "prompt", "target", "base response", "candidate response"],
+            rows,
+            cls="items",
+        )
         + note
     )
 

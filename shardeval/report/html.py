@@ -26,7 +26,7 @@ dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:3px 16px;margin:
 dl.facts dt{color:var(--muted)}dl.facts dd{margin:0;overflow-wrap:anywhere}
 table{border-collapse:collapse;margin:6px 0 10px}
 th,td{padding:4px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
-th{background:var(--soft);font-weight:600}td.num,th.num{text-align:right;
+th{background:var(--soft);font-weight:600}td.num,th.num{text-align:right;white-space:nowrap;
 font-variant-numeric:tabular-nums}
 .bar{position:relative;width:260px;height:14px;background:var(--soft);border-radius:2px}
 .bar .fill{position:absolute;top:2px;bottom:2px;left:0;background:var(--bar);border-radius:2px}
@@ -47,7 +47,6 @@ table.items{width:100%}.items td{max-width:420px}
 font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;max-height:180px;
 overflow:auto}.controls{display:flex;gap:10px;align-items:center;margin:8px 0}
 .controls input{padding:4px 8px;width:320px}.controls select,.controls button{padding:3px 6px}
-.side{display:grid;grid-template-columns:1fr 1fr;gap:8px}
 .heat td.cell{text-align:center;min-width:120px}
 .heat td.cell small{display:block;color:#33404d}
 """
