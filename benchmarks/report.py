@@ -1,6 +1,6 @@
 """What report.html costs: page size and build time per run size, against writing results.parquet.
 
-    python benchmarks/report.py [--rows 1000 10000] [--response-chars 20 5000]
+    PYTHONPATH=. python benchmarks/report.py [--rows 1000 10000] [--response-chars 20 5000]
 
 Prints, for each size, the page's size and build time, and that time as a ratio of writing
 the same rows to results.parquet (which finalizing does anyway), plus what importing

@@ -1,0 +1,85 @@
+"""``shardeval report``: writes the run's page or another file; clear errors and exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardeval.storage import RunStore
+from tests.conftest import cli_env
+from tests.helpers.html import external_references
+from tests.unit.test_report import metrics_json, results_table
+
+RUN_ID = "arith-0123456789"
+
+
+def report_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shardeval", "report", *args],
+        env=cli_env(None, COLUMNS="250"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def stored_run(tmp_path: Path) -> RunStore:
+    """A finished run's files, written through the store (as finalizing writes them)."""
+    store = RunStore(str(tmp_path / "out"), RUN_ID)
+    store.write_table(store.results_path, results_table(40))
+    store.write_json(store.spec_path, {"spec": {"prompt": {"user": "What is {{ a }}?"}}})
+    store.write_json(store.metrics_path, metrics_json(40))
+    return store
+
+
+@pytest.mark.slow
+def test_report_writes_the_runs_page_and_prints_where(stored_run: RunStore, tmp_path: Path) -> None:
+    output = str(tmp_path / "out")
+    result = report_cli(RUN_ID, "--output", output)
+    assert result.returncode == 0, result.stderr
+    page = Path(stored_run.path("report.html"))
+    assert result.stdout.strip() == str(page)
+    assert external_references(page.read_text()) == []
+    elsewhere = tmp_path / "mail" / "arith.html"
+    result = report_cli(RUN_ID, "--output", output, "-o", str(elsewhere))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(elsewhere)
+    assert elsewhere.read_text() == page.read_text()
+
+
+@pytest.mark.slow
+def test_unknown_run_exits_2_listing_the_runs_there(stored_run: RunStore, tmp_path: Path) -> None:
+    result = report_cli("arith-012345678", "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    text = " ".join(result.stderr.split())
+    assert "no run 'arith-012345678' under" in text
+    assert f"runs stored there: {RUN_ID}" in text
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_unfinished_run_exits_1_saying_how_to_finish_it(
+    stored_run: RunStore, tmp_path: Path
+) -> None:
+    Path(stored_run.metrics_path).unlink()
+    result = report_cli(RUN_ID, "--output", str(tmp_path / "out"))
+    assert result.returncode == 1
+    text = " ".join(result.stderr.split())
+    assert f"run '{RUN_ID}' is not complete: no metrics.json" in text
+    assert f"shardeval status {RUN_ID}" in text
+    assert not Path(stored_run.path("report.html")).exists()
+
+
+@pytest.mark.slow
+def test_compare_without_the_compare_module_says_so(stored_run: RunStore, tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("shardeval.compare") is not None:
+        pytest.skip("shardeval.compare exists: --compare is wired to it")
+    result = report_cli(RUN_ID, "--output", str(tmp_path / "out"), "--compare", RUN_ID)
+    assert result.returncode == 2
+    assert "--compare needs `shardeval compare`" in " ".join(result.stderr.split())
