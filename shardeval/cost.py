@@ -104,6 +104,39 @@ class CostTally:
         }
 
 
+class UsedJudgements(dict[str, Any]):
+    """A judge scorer's book that remembers which judgements scoring looked up.
+
+    The judge store (and a book loaded from it) may also hold judgements of an older rubric
+    or of responses no longer in the run: those are not this run's cost.
+    """
+
+    def __init__(self, book: dict[str, Any]) -> None:
+        super().__init__(book)
+        self.used: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Look a judgement up, and remember that a score used it."""
+        self.used.add(key)
+        return super().get(key, default)
+
+
+def track_judge_use(metrics: list[Metric]) -> list[Metric]:
+    """``metrics`` with each judge scorer's book wrapped in :class:`UsedJudgements` (copies)."""
+    from dataclasses import replace
+
+    from shardeval.metrics.judge import JudgeScorer
+
+    out = []
+    for metric in metrics:
+        scorer = metric.scorer
+        if isinstance(scorer, JudgeScorer):
+            book = UsedJudgements(scorer.book)
+            metric = replace(metric, scorer=replace(scorer, book=book))
+        out.append(metric)
+    return out
+
+
 def judge_tallies(
     store: RunStore,
     metrics: list[Metric],
@@ -111,10 +144,10 @@ def judge_tallies(
     started_at: datetime,
     sent_keys: Collection[str] | None = None,
 ) -> list[CostTally]:
-    """A tally per ``llm_judge`` metric over the judgements its scores use.
+    """A tally per ``llm_judge`` metric over the judgements its scores used.
 
-    The judgements a score uses are those loaded into the scorer (``scorer.book``); the judge
-    store may also hold judgements of an older rubric, which are not this run's cost.
+    With books wrapped by :func:`track_judge_use` before scoring, that is exactly the
+    judgements scoring looked up; otherwise every judgement in the scorer's book.
     """
     from shardeval.metrics.judge import JudgeScorer
 
@@ -127,7 +160,8 @@ def judge_tallies(
             f"judge:{metric.name}", scorer.model, started_at=started_at, sent_keys=sent_keys
         )
         tallies.append(tally)
-        used = set(scorer.book)
+        book = scorer.book
+        used = book.used & set(book) if isinstance(book, UsedJudgements) else set(book)
         if not used:
             continue
         judge_store = RunStore(store.output, f"{store.run_id}/judges/{metric.name}")

@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardeval import __version__
-from shardeval.cost import CostTally, cost_summary, judge_tallies
+from shardeval.cost import CostTally, cost_summary, judge_tallies, track_judge_use
 from shardeval.hashing import digest
+from shardeval.judging import Judgements, judge_metrics, load_judgements, with_judgements
 from shardeval.metrics import Metric, score_row, summarize
 from shardeval.metrics.trials import bootstrap_ci95, item_means, trial_statistics
 from shardeval.planning import RunPlan
@@ -41,6 +42,20 @@ def metrics_fingerprint(metrics: list[Metric]) -> str:
     return digest([m.fingerprint() for m in metrics])
 
 
+def is_current(
+    summary: Any, *, plan_fingerprint: str | None, metrics: list[Metric] | None = None
+) -> bool:
+    """Whether a metrics.json describes this plan (and, given ``metrics``, these metrics).
+
+    The one criterion for "complete": every command that asks uses this.
+    """
+    if not isinstance(summary, dict) or not summary.get("complete"):
+        return False
+    if plan_fingerprint is None or summary.get("plan_fingerprint") != plan_fingerprint:
+        return False
+    return metrics is None or summary.get("metrics_fingerprint") == metrics_fingerprint(metrics)
+
+
 def finalize(
     store: RunStore,
     plan: RunPlan,
@@ -48,32 +63,36 @@ def finalize(
     *,
     started_at: datetime,
     finished_at: datetime,
+    judgements: dict[str, Judgements] | None = None,
+    stored: list[pa.Table] | None = None,
     sent_keys: Collection[str] | None = None,
 ) -> Finalized:
     """Write results.parquet (dataset order), then metrics.json (the previous one to history/).
 
-    Args:
-        store: the run's storage.
-        plan: the attempt's plan (rows in dataset order, batches).
-        metrics: the metrics to score with (judges' scorers loaded with their judgements).
-        started_at: when this attempt started.
-        finished_at: when its requests finished.
-        sent_keys: item keys (the run's and its judges') sent to a model in this attempt, for
-            ``cost.saved_usd``; None decides by each row's stored ``finished_at`` against
-            ``started_at`` instead (see :mod:`shardeval.cost`).
+    ``judgements`` (metric name → judgements) are the ``llm_judge`` metrics' inputs; without
+    them the judgements stored in the run are read, so finalizing on its own scores the same.
+    ``stored`` are the plan's committed batch tables when the caller has read them already.
+    ``sent_keys`` are the item keys (the run's and its judges') sent to a model in this
+    attempt, for ``cost.saved_usd``; None decides by each row's stored ``finished_at``
+    against ``started_at`` instead (see :mod:`shardeval.cost`).
     """
+    if judgements is None:
+        judgements = {m.name: load_judgements(store, m) for m in judge_metrics(metrics)}
+    metrics = track_judge_use(with_judgements(metrics, judgements))
     costs = CostTally("model", plan.spec.model, started_at=started_at, sent_keys=sent_keys)
     chunks: list[pa.Table] = []
     groups: list[str] = []
     score_errors: Counter[str] = Counter()
-    paths = [store.batch_path(batch.key) for batch in plan.batches]
-    for batch, stored in zip(plan.batches, store.read_tables(paths), strict=True):
-        if stored is None:
+    tables: list[pa.Table | None]
+    if stored is None:
+        tables = list(store.read_tables([store.batch_path(batch.key) for batch in plan.batches]))
+    else:
+        tables = list(stored)
+    for batch, table in zip(plan.batches, tables, strict=True):
+        if table is None:
             raise FileNotFoundError(f"committed batch {batch.key} vanished before finalizing")
         rows = plan.rows.slice(batch.start, batch.stop - batch.start)
-        chunk, chunk_groups = _score_chunk(
-            plan, rows, conform(stored), metrics, score_errors, costs
-        )
+        chunk, chunk_groups = _score_chunk(plan, rows, conform(table), metrics, score_errors, costs)
         chunks.append(chunk)
         groups.extend(chunk_groups)
     score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})

@@ -41,22 +41,16 @@ def report(
     ] = None,
 ) -> None:
     """Write a run's report.html (one self-contained page, no network needed); print where."""
+    from shardeval.catalog import DEFAULT_OUTPUT, open_store
     from shardeval.display import out_console
     from shardeval.report.writer import write_run_report
-    from shardeval.spec import EvalSpec
-    from shardeval.status import RunNotFound, _not_found_hint, _not_found_message
-    from shardeval.storage import RunStore
 
-    output = output or EvalSpec.model_fields["output"].default
-    store = RunStore(output, run_id)
-    if not store.exists(store.root):
-        raise RunNotFound(_not_found_message(store, run_id), hint=_not_found_hint(store))
+    output = output or DEFAULT_OUTPUT
+    store = open_store(output, run_id)  # an unknown id: exit 2 with the closest ids
     comparison = None
     base_results = None
     if compare is not None:
-        base = RunStore(output, compare)
-        if not base.exists(base.root):
-            raise RunNotFound(_not_found_message(base, compare), hint=_not_found_hint(base))
+        base = open_store(output, compare)
         comparison = comparison_dict(output, compare, run_id)
         base_results = base.read_table(base.results_path)
     where = write_run_report(store, comparison=comparison, base_results=base_results, target=to)

@@ -57,7 +57,7 @@ def test_unknown_run_exits_2_listing_the_runs_there(stored_run: RunStore, tmp_pa
     assert result.returncode == 2
     text = " ".join(result.stderr.split())
     assert "no run 'arith-012345678' under" in text
-    assert f"runs stored there: {RUN_ID}" in text
+    assert f"closest runs stored there: {RUN_ID}" in text
     assert "Traceback" not in result.stderr
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from shardeval.status import RunNotFound, read_status
+from shardeval.catalog import RunNotFound
+from shardeval.status import read_status
 from shardeval.testing.server import ServerConfig, TestServer
 from tests.conftest import cli_env
 from tests.helpers.specs import arith_items, write_spec
