@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -219,3 +221,43 @@ def test_import_shardeval_and_finalize_do_not_import_matplotlib() -> None:
         "assert 'shardeval.report.run_page' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_judge_cost_counts_only_the_judgements_scoring_used(tmp_path: Path) -> None:
+    from shardeval.cost import judge_tallies, track_judge_use
+    from shardeval.metrics.judge import Judgement
+    from shardeval.results import GENERATION_SCHEMA
+    from shardeval.storage import RunStore
+
+    metric = create_metric(
+        MetricSpec.model_validate(
+            {
+                "type": "llm_judge",
+                "name": "judge",
+                "rubric": "Grade {{ response }}",
+                "model": {
+                    "model": "judge",
+                    "base_url": "http://127.0.0.1:1/v1",
+                    "pricing": {"prompt_per_mtok": 1, "completion_per_mtok": 0},
+                },
+            }
+        ),
+        0,
+    )
+    store = RunStore(str(tmp_path), "run-1")
+    judges = RunStore(str(tmp_path), "run-1/judges/judge")
+    rows: dict[str, list[object]] = {name: [] for name in GENERATION_SCHEMA.names}
+    for key, tokens in (("used", 1_000_000), ("stale", 5_000_000)):  # stale: an older rubric
+        for name in rows:
+            rows[name].append(None)
+        rows["item_key"][-1], rows["status"][-1] = key, "ok"
+        rows["prompt_tokens"][-1], rows["completion_tokens"][-1] = tokens, 0
+        rows["finished_at"][-1] = STARTED.timestamp() - 1
+    judges.write_table(judges.batch_path("b1"), pa.Table.from_pydict(rows, GENERATION_SCHEMA))
+    book = {k: Judgement("ok", "GRADE: C") for k in ("used", "stale")}
+    with_book = replace(metric, scorer=replace(metric.scorer, book=book))  # type: ignore[type-var]
+    tracked = track_judge_use([with_book])
+    tracked[0].scorer.book.get("used")  # type: ignore[attr-defined]  # what scoring does
+    (tally,) = judge_tallies(store, tracked, started_at=STARTED)
+    assert tally.usd == pytest.approx(1.0)  # the stale judgement is not this run's cost
+    assert tally.saved_usd == pytest.approx(1.0)
