@@ -38,6 +38,7 @@ def build_run_report(
     comparison: dict[str, Any] | None = None,
     *,
     base_results: Any = None,
+    spec_href: str | None = "spec.json",
 ) -> str:
     """The HTML page of one run.
 
@@ -47,6 +48,8 @@ def build_run_report(
         spec_json: the run's spec.json content (its ``spec`` key is the resolved spec), or None.
         comparison: a ``compare --json`` dict (plus ``flips``) to show against a base run.
         base_results: that base run's results (for broken items side by side), if any.
+        spec_href: the link to the run's spec.json: relative (the page is in the run
+            directory), a ``file://`` URL, or None to show no link.
     """
     results = as_table(results_df)
     summary = metrics_json
@@ -54,7 +57,7 @@ def build_run_report(
     parts = [
         f"<h1>{esc(summary.get('name'))}</h1>",
         f'<p class="sub">run <code>{esc(summary.get("run_id"))}</code></p>',
-        section("What was evaluated", _what(summary, spec_json), anchor="what"),
+        section("What was evaluated", _what(summary, spec_json, spec_href), anchor="what"),
         section("Metrics", _metrics(summary), anchor="metrics"),
     ]
     if summary.get("by_group"):
@@ -99,7 +102,7 @@ def _wall(summary: dict[str, Any]) -> str:
     return f"{seconds:,.0f} s" if seconds < 120 else f"{seconds / 60:,.1f} min"
 
 
-def _what(summary: dict[str, Any], spec_json: dict[str, Any] | None) -> str:
+def _what(summary: dict[str, Any], spec_json: dict[str, Any] | None, href: str | None) -> str:
     model = summary.get("model") or {}
     spec = (spec_json or {}).get("spec") or {}
     spec_model = spec.get("model") or {}
@@ -113,7 +116,7 @@ def _what(summary: dict[str, Any], spec_json: dict[str, Any] | None) -> str:
         ("model", label),
         ("dataset", f"<code>{esc(dataset.get('path'))}</code>"),
         ("dataset fingerprint", f"<code>{esc(dataset.get('fingerprint'))}</code>"),
-        ("spec", '<a href="spec.json">spec.json</a> (next to this page in the run directory)'),
+        ("spec", _spec_link(href, summary)),
         ("started", esc(summary.get("started_at"))),
         ("finished", esc(summary.get("finished_at"))),
         ("wall time (this attempt)", _wall(summary)),
@@ -134,6 +137,16 @@ def _what(summary: dict[str, Any], spec_json: dict[str, Any] | None) -> str:
         )
         rows.append(("prompt template", f"<pre>{esc(text)}</pre>"))
     return facts(rows)
+
+
+def _spec_link(href: str | None, summary: dict[str, Any]) -> str:
+    if href == "spec.json":
+        return '<a href="spec.json">spec.json</a> (next to this page in the run directory)'
+    if href:
+        return f'<a href="{esc(href)}">spec.json</a>'
+    results = str(summary.get("results") or "")
+    where = results.rsplit("/", 1)[0] + "/spec.json" if "/" in results else "spec.json"
+    return f"<code>{esc(where)}</code>"
 
 
 def _metrics(summary: dict[str, Any]) -> str:

@@ -72,7 +72,18 @@ def write_run_report(
             raise RunNotComplete(f"run {store.run_id!r} has no results.parquet in {store.url()}")
     if spec_json is None:
         spec_json = store.read_json(store.spec_path)
-    text = build_run_report(results, metrics_json, spec_json, comparison, base_results=base_results)
+    # Next to spec.json a relative link works; elsewhere only a local file can be linked.
+    spec_href: str | None = "spec.json"
+    if target is not None:
+        spec_href = Path(store.spec_path).as_uri() if store.is_local else None
+    text = build_run_report(
+        results,
+        metrics_json,
+        spec_json,
+        comparison,
+        base_results=base_results,
+        spec_href=spec_href,
+    )
     return write_page(store, text, target)
 
 

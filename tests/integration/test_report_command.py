@@ -11,7 +11,7 @@ import pytest
 from shardeval.storage import RunStore
 from tests.conftest import cli_env
 from tests.helpers.html import external_references
-from tests.unit.test_report import metrics_json, results_table
+from tests.unit.test_report import embedded_items, metrics_json, results_table
 
 RUN_ID = "arith-0123456789"
 
@@ -48,7 +48,9 @@ def test_report_writes_the_runs_page_and_prints_where(stored_run: RunStore, tmp_
     result = report_cli(RUN_ID, "--output", output, "-o", str(elsewhere))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(elsewhere)
-    assert elsewhere.read_text() == page.read_text()
+    copy = elsewhere.read_text()
+    assert embedded_items(copy) == embedded_items(page.read_text())  # the same run's page
+    assert f'<a href="{Path(stored_run.spec_path).as_uri()}">spec.json</a>' in copy
 
 
 @pytest.mark.slow
