@@ -3,7 +3,8 @@
 Scores are computed here, from the stored responses and the dataset as it is now, so that a
 change of metrics, or of a target field the prompt does not use, never calls the model again.
 ``metrics.json`` is written last: its presence means the run is complete. Its content depends
-only on the data (timestamps aside): two runs over the same stored results give the same file.
+only on the data (timestamps aside, and ``cost.saved_usd``, which is what *this attempt* read
+from storage): two runs over the same stored results give the same file otherwise.
 """
 
 from __future__ import annotations
