@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.stages import submit_batches
@@ -70,8 +70,8 @@ def evaluate(
         spec: path or URL of the eval spec YAML, or the spec as a mapping (or a session the
             CLI or ``shardeval.run`` prepared, which then carries every other option).
         output: where runs are stored (any fsspec URL); defaults to the spec's ``output``.
-        run_id: the run to write; by default a new run per flow run (a retry of the same
-            flow run resumes it).
+        run_id: the run to write; by default the CLI's derived id, and for a deployment run
+            a new run per flow run (a retry of the same flow run resumes it).
         fresh: with no ``run_id``, start a new run instead of resuming.
         retry_failed: send again the rows whose status is error.
         limit: evaluate only the first N items.
@@ -96,7 +96,8 @@ def evaluate(
         limit=limit,
         batch_size=batch_size,
         concurrency=concurrency,
-        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        # Only a deployment run gets a run per flow run; a direct call resumes like the CLI.
+        flow_run_id=str(flow_run.id) if deployment.id else None,
     )
     prefect_limit_mode(session.spec.model)  # a missing model.prefect_limit fails here
     progress = session.progress

@@ -7,18 +7,9 @@ the run's own copy alone.
 
 from __future__ import annotations
 
-import importlib
 from typing import Annotated, Any
 
 import typer
-
-from shardeval.errors import EXIT_USAGE, ShardevalError
-
-
-class CompareUnavailable(ShardevalError):
-    """``--compare`` without the comparison module (exit 2: an option this build lacks)."""
-
-    exit_code = EXIT_USAGE
 
 
 def register(app: typer.Typer) -> None:
@@ -50,27 +41,32 @@ def report(
     comparison = None
     base_results = None
     if compare is not None:
-        base = open_store(output, compare)
-        comparison = comparison_dict(output, compare, run_id)
-        base_results = base.read_table(base.results_path)
+        comparison, base_results = comparison_dict(output, compare, run_id)
     where = write_run_report(store, comparison=comparison, base_results=base_results, target=to)
     out_console.print(where)
 
 
-def comparison_dict(output: str, base: str, cand: str) -> dict[str, Any]:
-    """The ``compare --json`` dict (plus ``flips``) of two runs, from :mod:`shardeval.compare`.
+def comparison_dict(output: str, base: str, cand: str) -> tuple[dict[str, Any], Any]:
+    """The ``compare --json`` dict plus a ``flips`` list, and the base run's results."""
+    from shardeval.compare import compare_runs
 
-    Raises:
-        CompareUnavailable: this installation has no ``shardeval.compare``.
-    """
-    try:
-        compare_module = importlib.import_module("shardeval.compare")
-    except ImportError as exc:
-        raise CompareUnavailable(
-            "--compare needs `shardeval compare`, which this installation does not have",
-            hint="write the page without --compare, or upgrade shardeval",
-        ) from exc
-    result = compare_module.compare(base, cand, output=output)
-    data: dict[str, Any] = dict(result.to_dict())
-    data.setdefault("flips", list(getattr(result, "flips", []) or []))
-    return data
+    comparison, base_run, _ = compare_runs(base, cand, output)
+    data = comparison.to_dict()
+    data["flips"] = [
+        {
+            "item_id": flip.item_id,
+            "trial": flip.trial,
+            "metric": metric,
+            "kind": kind,
+            "base": flip.base_score,
+            "cand": flip.cand_score,
+            "base_response": flip.base_response,
+            "cand_response": flip.cand_response,
+            "prompt": flip.prompt,
+            "target": flip.target,
+        }
+        for metric, kinds in comparison.flips.items()
+        for kind, flips in kinds.items()
+        for flip in flips
+    ]
+    return data, base_run.results

@@ -150,14 +150,15 @@ def _broken(
         key = (str(flip.get("item_id")), int(flip.get("trial") or 0))
         b, c = base.get(key, {}), cand.get(key, {})
         targets = [str(v) for k, v in b.items() if k.startswith("target_") and v is not None]
+        target = flip.get("target") or " | ".join(dict.fromkeys(targets)) or None
         left = flip.get("base_response", b.get("response"))
         right = flip.get("cand_response", c.get("response") or c.get("error"))
         rows.append(
             (
                 esc(key[0]) + (f" #{key[1]}" if key[1] else ""),
                 esc(flip.get("metric")),
-                f"<pre>{esc(b.get('prompt'))}</pre>",
-                f"<pre>{esc(' | '.join(targets) or None)}</pre>",
+                f"<pre>{esc(flip.get('prompt') or b.get('prompt'))}</pre>",
+                f"<pre>{esc(target)}</pre>",
                 f"<pre>{esc(left)}</pre>",
                 f"<pre>{esc(right)}</pre>",
             )

@@ -15,16 +15,12 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from shardeval.errors import ShardevalError
+from shardeval.run_reader import RunNotComplete
 from shardeval.storage import RunStore, split_url
 
 logger = logging.getLogger("shardeval.report")
 
 REPORT_FILE = "report.html"
-
-
-class RunNotComplete(ShardevalError):
-    """The run has no metrics.json yet: there is nothing final to report (exit 1)."""
 
 
 def report_path(store: RunStore) -> str:

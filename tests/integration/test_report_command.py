@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from shardeval.storage import RunStore
@@ -64,12 +65,12 @@ def test_unknown_run_exits_2_listing_the_runs_there(stored_run: RunStore, tmp_pa
 
 
 @pytest.mark.slow
-def test_unfinished_run_exits_1_saying_how_to_finish_it(
+def test_unfinished_run_exits_2_saying_how_to_finish_it(
     stored_run: RunStore, tmp_path: Path
 ) -> None:
     Path(stored_run.metrics_path).unlink()
     result = report_cli(RUN_ID, "--output", str(tmp_path / "out"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     text = " ".join(result.stderr.split())
     assert f"run '{RUN_ID}' is not complete: no metrics.json" in text
     assert f"shardeval status {RUN_ID}" in text
@@ -77,11 +78,26 @@ def test_unfinished_run_exits_1_saying_how_to_finish_it(
 
 
 @pytest.mark.slow
-def test_compare_without_the_compare_module_says_so(stored_run: RunStore, tmp_path: Path) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("shardeval.compare") is not None:
-        pytest.skip("shardeval.compare exists: --compare is wired to it")
-    result = report_cli(RUN_ID, "--output", str(tmp_path / "out"), "--compare", RUN_ID)
-    assert result.returncode == 2
-    assert "--compare needs `shardeval compare`" in " ".join(result.stderr.split())
+def test_compare_adds_deltas_and_broken_items_side_by_side(
+    stored_run: RunStore, tmp_path: Path
+) -> None:
+    output = str(tmp_path / "out")
+    cand = RunStore(output, "arith-candidate")
+    table = results_table(40)
+    scores = table.column("score_exact_match").to_pylist()
+    responses = table.column("response").to_pylist()
+    for i in (1, 2, 3, 4):  # right in the base run, wrong in the candidate
+        scores[i], responses[i] = 0.0, f"candidate's wrong answer {i}"
+    table = table.set_column(
+        table.column_names.index("score_exact_match"), "score_exact_match", pa.array(scores)
+    ).set_column(table.column_names.index("response"), "response", pa.array(responses))
+    cand.write_table(cand.results_path, table)
+    cand.write_json(cand.spec_path, {"spec": {}})
+    cand.write_json(cand.metrics_path, {**metrics_json(40), "run_id": "arith-candidate"})
+    result = report_cli("arith-candidate", "--output", output, "--compare", RUN_ID)
+    assert result.returncode == 0, result.stderr
+    page = Path(cand.path("report.html")).read_text()
+    assert "<h2>Comparison</h2>" in page
+    assert f"base <code>{RUN_ID}</code>" in page and "Broken items (4)" in page
+    assert "candidate&#x27;s wrong answer 3" in page and "What is 3 + 1?" in page
+    assert external_references(page) == []
