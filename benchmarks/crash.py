@@ -9,7 +9,8 @@ it each time, and lets the last attempt finish. It prints:
   (a) requests in flight at the kill: the server saw them but never answered (the client
       was gone); a provider bills these, and nothing can save them;
   (b) completed results lost: the server answered 200, but the answer was not stored when
-      the process died (still in a flush buffer), so the rerun paid for it again.
+      the process died (on an object store: still in a flush buffer), so the rerun paid for it
+      again. On local disk every answer is journaled as it arrives, so (b) should be 0.
 
 (b) is derived per prompt: the server counts 200 answers per prompt, and after each kill the
 benchmark reads what the run stored (committed batches and parts) and maps every stored item
@@ -45,6 +46,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shardeval.journal import is_journal, read_journal, with_journals  # noqa: E402
 from shardeval.session import RunSession  # noqa: E402
 from shardeval.storage import RunStore  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer, prompt_key  # noqa: E402
@@ -74,12 +76,19 @@ def prompt_keys_by_item(spec_path: Path) -> tuple[RunStore, dict[str, str]]:
 
 
 def stored_keys(store: RunStore) -> set[str]:
-    """Item keys with a final row in committed batches or flushed parts."""
+    """Item keys with a final row in committed batches, flushed parts or journals."""
     paths = [store.batch_path(k) for k in store.list_batches()]
-    paths += [p for ps in store.list_parts().values() for p in ps]
+    paths += [p for ps in with_journals(store, store.list_parts()).values() for p in ps]
     keys: set[str] = set()
     for path in paths:
-        table = pq.read_table(path, columns=["item_key", "status"])
+        columns = ["item_key", "status"]
+        table = (
+            read_journal(path, columns)
+            if is_journal(path)
+            else pq.read_table(path, columns=columns)
+        )
+        if table is None:
+            continue
         for key, status in zip(
             table.column("item_key").to_pylist(), table.column("status").to_pylist(), strict=True
         ):

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from shardeval.journal import with_journals
 from shardeval.metrics import Metric
 from shardeval.metrics.judge import Judgement, JudgeScorer, judge_requests
 from shardeval.planning import RunPlan, cut_batches
@@ -59,7 +60,7 @@ def plan_judgements(store: RunStore, plan: RunPlan, metric: Metric, progress_id:
     )
     judge_store = run.store()
     committed = judge_store.list_batches()
-    parts = judge_store.list_parts()
+    parts = with_journals(judge_store, judge_store.list_parts())
     spec = plan.spec
     works = [
         BatchWork(

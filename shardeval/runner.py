@@ -7,8 +7,10 @@ This is the library half of the batch task and does not import Prefect. A batch:
    just found nothing stored for it (:attr:`BatchWork.nothing_stored`);
 2. reads its flushed parts, and rows of other stored files the plan pointed it at (items
    stored under an older batching or dataset version), and sends only the remaining keys;
-3. makes finished items durable as small Parquet parts at least every ``flush_every_s`` seconds
-   or ``flush_every_items`` items, counted across all the batches of the run running in this
+3. makes finished items durable as they arrive: on local disk each answer is appended to the
+   batch's journal (:mod:`shardeval.journal`), so a SIGKILL loses only the requests in flight;
+   on object stores as small Parquet parts at least every ``flush_every_s`` seconds or
+   ``flush_every_items`` items, counted across all the batches of the run running in this
    process (the flush runs in a worker thread, never on the event loop that carries the
    requests), so a SIGKILL loses at most one flush window;
 4. when every row has a final outcome, writes the batch file in one atomic step (the items
@@ -19,16 +21,17 @@ This is the library half of the batch task and does not import Prefect. A batch:
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import io
 import logging
 import os
 import posixpath
+import queue
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,7 @@ import pyarrow.parquet as pq
 
 from shardeval.engine import Engine, Outcome
 from shardeval.errors import RunInterrupted, StorageError, TransientProviderError
+from shardeval.journal import Journal, batch_journals, is_journal, open_journal, read_journal
 from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress, progress_for
 from shardeval.providers.base import ProviderRequest
@@ -76,7 +80,8 @@ class BatchWork:
     number: int
     total: int
     key: str
-    requests: list[PlannedRequest]
+    requests: Sequence[PlannedRequest]
+    """A list, or a :class:`shardeval.batch_requests.PlanRequests` rendered in the task."""
     reuse: dict[str, list[str]] = field(default_factory=dict)
     """Other stored files (path → item keys) holding some of this batch's results."""
     retry_failed: bool = False
@@ -86,6 +91,9 @@ class BatchWork:
     that is a GET and a LIST per batch, on the run's critical path). A retried attempt looks."""
     flush_every_s: float = 2.0
     flush_every_items: int = 16
+    shared: frozenset[str] = frozenset()
+    """Item keys of this batch that other rows of the run hold too: their answers are kept
+    by the run's engine to serve the others (identical requests are sent once per run)."""
 
     @property
     def label(self) -> str:
@@ -138,7 +146,7 @@ def run_batch(
         # A kill between the commit and the removal of the parts leaves some behind; the
         # committed file holds every row, so they are only clutter. (No Prefect record was
         # written then, so this body runs again on the rerun.)
-        leftovers = store.list_batch_parts(work.key)
+        leftovers = store.list_batch_parts(work.key) + batch_journals(store, work.key)
         if leftovers:
             store.delete(leftovers)
             store.remove_empty_dir(store.parts_dir(work.key))
@@ -154,13 +162,16 @@ def run_batch(
     progress.batch_started(work.key, sum(1 for r in work.requests if r.key in have))
 
     flusher = _PartFlusher(store, work)
+    journal = open_journal(store, work.key) if pending else None
     try:
-        outcomes, transient = _send(pending, engine, flusher, progress, work)
+        outcomes, transient = _send(pending, engine, flusher, journal, progress, work)
         complete = not transient and len(outcomes) == len(pending)
         if not complete:
             flusher.flush()
     finally:
         flusher.close()
+        if journal is not None:
+            journal.close()
 
     if transient:
         example = transient[0].error
@@ -180,7 +191,9 @@ def run_batch(
         with contextlib.suppress(Exception):  # the commit's error is the one to report
             flusher.flush()
         raise
-    store.delete(read_parts + flusher.written)
+    store.delete(
+        read_parts + flusher.written + ([journal.path] if journal and journal.rows else [])
+    )
     store.remove_empty_dir(store.parts_dir(work.key))
     progress.batch_finished()
     errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
@@ -194,7 +207,7 @@ def run_batch(
     )
 
 
-def _unique(requests: list[PlannedRequest]) -> list[PlannedRequest]:
+def _unique(requests: Sequence[PlannedRequest]) -> list[PlannedRequest]:
     seen: set[str] = set()
     out = []
     for request in requests:
@@ -204,7 +217,7 @@ def _unique(requests: list[PlannedRequest]) -> list[PlannedRequest]:
     return out
 
 
-def _meta(requests: list[PlannedRequest]) -> tuple[dict[str, str], dict[str, int]]:
+def _meta(requests: Sequence[PlannedRequest]) -> tuple[dict[str, str], dict[str, int]]:
     return {r.key: r.item_id for r in requests}, {r.key: r.trial for r in requests}
 
 
@@ -228,7 +241,9 @@ def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]
     wanted = {r.key for r in work.requests}
     tables = []
     read_parts = []
-    own_parts = [] if work.nothing_stored else store.list_batch_parts(work.key)
+    own_parts = []
+    if not work.nothing_stored:
+        own_parts = store.list_batch_parts(work.key) + batch_journals(store, work.key)
     sources: list[tuple[str, set[str] | None]] = [(path, None) for path in own_parts]
     sources += [(path, set(keys)) for path, keys in work.reuse.items()]
     if work.retry_failed:
@@ -236,8 +251,12 @@ def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]
         # (the caller drops the error rows), so only the failed items are sent again.
         sources.append((store.batch_path(work.key), wanted))
     for path, keys in sources:
-        table = store.read_table(path)
+        table = read_journal(path) if is_journal(path) else store.read_table(path)
         if table is None:
+            continue
+        if not table.num_rows:  # an empty journal (killed before its first answer landed)
+            if keys is None:
+                read_parts.append(path)
             continue
         if keys is None:
             read_parts.append(path)
@@ -251,6 +270,8 @@ def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]
 
 def _last_per_key(table: pa.Table) -> pa.Table:
     """Keep one row per item key, preferring an ok row, then the latest."""
+    if table.num_rows == 0:
+        return table
     best: dict[str, int] = {}
     keys = table.column("item_key").to_pylist()
     statuses = table.column("status").to_pylist()
@@ -476,36 +497,52 @@ def _send(
     pending: list[PlannedRequest],
     engine: Engine,
     flusher: _PartFlusher,
+    journal: Journal | None,
     progress: RunProgress,
     work: BatchWork,
 ) -> tuple[list[Outcome], list[Outcome]]:
-    """Send every pending request; return (final outcomes, transient failures)."""
-    futures = {
-        engine.submit(
+    """Send every pending request; return (final outcomes, transient failures).
+
+    A final outcome goes to the journal as it arrives (local disk), else to the part flusher.
+    """
+    done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    engine.submit_batch(
+        [
             ProviderRequest(
                 key=r.key, item_id=r.item_id, messages=r.messages, item=r.item, trial=r.trial
-            ),
-            priority=(work.number, position),
-        )
-        for position, r in enumerate(pending)
-    }
+            )
+            for r in pending
+        ],
+        work.number,
+        done.put,
+        shared=work.shared,
+    )
     final: list[Outcome] = []
     transient: list[Outcome] = []
-    while futures:
-        done, futures = concurrent.futures.wait(
-            futures, timeout=work.flush_every_s / 2, return_when=concurrent.futures.FIRST_COMPLETED
-        )
-        for future in done:
-            try:
-                outcome = future.result()
-            except concurrent.futures.CancelledError:  # the engine closed before it started
-                continue
-            progress.finished(outcome.status, outcome.error_kind, work.key)
-            if outcome.is_final:
-                final.append(outcome)
-                flusher.add(outcome)
-            elif outcome.status == "transient":
-                transient.append(outcome)
+    ids, trials = flusher.ids, flusher.trials
+    waiting = len(pending)
+    while waiting:
+        try:
+            outcome = done.get(timeout=work.flush_every_s / 2)
+        except queue.Empty:
+            if flusher.due():
+                flusher.flush_soon()
+            continue
+        waiting -= 1
+        progress.finished(outcome.status, outcome.error_kind, work.key)
+        if outcome.is_final:
+            final.append(outcome)
+            if journal is not None:
+                try:
+                    journal.append(outcome, ids.get(outcome.key), trials.get(outcome.key))
+                    continue
+                except OSError as exc:  # e.g. a full disk: from now on, parts as before
+                    logger.warning("%s: cannot append to %s: %s", work.label, journal.path, exc)
+                    journal.close()
+                    journal = None
+            flusher.add(outcome)
+        elif outcome.status == "transient":
+            transient.append(outcome)
         if flusher.due():
             flusher.flush_soon()
     return final, transient

@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from shardeval import __version__
+from shardeval.batch_requests import PlanRequests, batch_shared, duplicate_keys
 from shardeval.engine import close_engines
 from shardeval.errors import RunIncomplete
 from shardeval.finalize import Finalized, finalize, is_current, keep_history
@@ -305,6 +306,7 @@ class RunSession:
     ) -> Iterator[tuple[BatchWork, bool]]:
         """Each batch's work (rendered only when submitted) and whether its record is stale."""
         plan, spec = self.plan, self.spec
+        duplicates = duplicate_keys(plan)
         for index in indices:
             batch = plan.batches[index]
             work = BatchWork(
@@ -312,13 +314,14 @@ class RunSession:
                 number=batch.number,
                 total=batch.total,
                 key=batch.key,
-                requests=plan.requests(batch),
+                requests=PlanRequests(plan, batch),
                 reuse=found.reuse.get(batch.key, {}),
                 retry_failed=self.retry_failed,
                 nothing_stored=batch.key not in found.committed
                 and batch.key not in found.with_parts,
                 flush_every_s=spec.flush_every_s,
                 flush_every_items=spec.flush_every_items,
+                shared=batch_shared(plan, batch, duplicates),
             )
             is_stale = stale or batch.key not in found.committed or batch.key in found.error_batches
             yield work, is_stale

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shardeval.batch_requests import duplicate_keys
+from shardeval.journal import is_journal, read_journal, with_journals
 from shardeval.planning import PlanDiff, RunPlan, diff_plans
 from shardeval.storage import RunStore
 
@@ -42,6 +44,7 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
         store.list_parts,
         lambda: store.read_table(store.plan_path, columns=["item_id", "item_key"]),
     )
+    parts = with_journals(store, parts)
     plan_keys = {b.key for b in plan.batches}
     result.committed = plan_keys & committed_files
 
@@ -58,6 +61,7 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
         own_part_keys[own_parts[path]].update(stored)
 
     row_keys = plan.rows.column("item_key")
+    _add_duplicates(store, plan, result.committed, own_part_keys, elsewhere)
     for batch in plan.batches:
         if batch.key in result.committed:
             result.done_rows += batch.stop - batch.start
@@ -98,7 +102,7 @@ def stored_elsewhere(
     column-pruned to key and status.
     """
     committed_files = store.list_batches() if committed_files is None else committed_files
-    parts = store.list_parts() if parts is None else parts
+    parts = with_journals(store, store.list_parts()) if parts is None else parts
     paths = [store.batch_path(key) for key in sorted(committed_files - own_batches)]
     paths += [p for key, names in parts.items() if key not in own_batches for p in names]
     index: dict[str, str] = {}
@@ -125,9 +129,11 @@ def _index(store: RunStore, paths: list[str]) -> dict[str, dict[str, str]]:
     time (a resume with hundreds of parts is a few round trips, not hundreds).
     """
     found: dict[str, dict[str, str]] = {}
-    for path, table in zip(
-        paths, store.read_tables(paths, columns=["item_key", "status"]), strict=True
-    ):
+    columns = ["item_key", "status"]
+    parquet = [p for p in paths if not is_journal(p)]
+    tables = dict(zip(parquet, store.read_tables(parquet, columns=columns), strict=True))
+    for path in paths:
+        table = read_journal(path, columns) if is_journal(path) else tables[path]
         if table is None:
             continue
         final: dict[str, str] = {}
@@ -138,3 +144,34 @@ def _index(store: RunStore, paths: list[str]) -> dict[str, dict[str, str]]:
                 final[key] = status
         found[path] = final
     return found
+
+
+def _add_duplicates(
+    store: RunStore,
+    plan: RunPlan,
+    committed: set[str],
+    own_part_keys: dict[str, set[str]],
+    elsewhere: dict[str, str],
+) -> None:
+    """Point keys that several batches of the plan hold at where one of them is stored.
+
+    The same request asked twice (one prompt under two ids) is answered once: a batch not yet
+    committed reuses the row a committed batch (or another batch's part or journal) holds.
+    Nothing is opened for that: a committed batch holds every key of its plan slice.
+    """
+    duplicates = duplicate_keys(plan)
+    if not duplicates:
+        return
+    row_keys = plan.rows.column("item_key")
+    for batch in plan.batches:
+        if batch.key in committed:
+            path = store.batch_path(batch.key)
+            keys = row_keys.slice(batch.start, batch.stop - batch.start).to_pylist()
+            for key in keys:
+                if key in duplicates:
+                    elsewhere.setdefault(key, path)
+    # A batch's parts and journals go when it commits: point at the committed file, which
+    # the reading batch finds if it runs later (else it sends, or the engine serves it).
+    for batch_key, keys in own_part_keys.items():
+        for key in keys & duplicates:
+            elsewhere.setdefault(key, store.batch_path(batch_key))

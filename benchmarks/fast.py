@@ -1,0 +1,160 @@
+"""A fast endpoint: shardeval's request phase against a bare aiohttp loop, side by side.
+
+The test server answers in 1 ms, so the client's CPU per request sets the pace. For each
+concurrency (64 and 256 by default) and each repeat, it runs, interleaved, in one process each:
+
+* a bare aiohttp loop (one session, a semaphore, the same bodies shardeval sends), and
+* ``shardeval run`` (20,000 items, batch 500) against a standing Prefect server,
+
+and times both request phases from the server's own timestamps (first request to last
+answer, :mod:`shardeval.testing.server_stats`). It prints one JSON line per run and one
+summary per concurrency: the median ratio shardeval / bare (1.0 = as fast as the bare client).
+The machine's load average is printed with every figure: the ratios, not the absolute
+times, are what compares across loads.
+
+    python benchmarks/fast.py [--items 20000] [--latency 0.001] [--concurrency 64,256]
+                              [--batch-size 500] [--repeats 2] [--prefect-api URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import timed_run  # noqa: E402
+from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
+from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
+from tests.helpers.specs import arith_items, write_spec  # noqa: E402
+
+SYSTEM = "Answer with the number only."
+
+
+async def _bare(url: str, items_path: Path, concurrency: int) -> None:
+    """POST every item's chat completion, ``concurrency`` at a time, with one aiohttp session."""
+    import aiohttp
+
+    items = [json.loads(line) for line in items_path.read_text().splitlines() if line]
+    semaphore = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(item: dict[str, Any]) -> None:
+            body = {
+                "temperature": 0,
+                "model": "test-model",
+                "messages": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": f"What is {item['a']} + {item['b']}?"},
+                ],
+            }
+            async with semaphore, session.post(url + "/chat/completions", json=body) as response:
+                json.loads(await response.text())
+
+        await asyncio.gather(*(one(item) for item in items))
+
+
+def bare_run(server: TestServer, items_path: Path, concurrency: int) -> dict[str, Any]:
+    """The bare client in a subprocess of its own (like the CLI); its request phase."""
+    server.reset()
+    started = time.time()
+    subprocess.run(
+        [sys.executable, __file__, "--bare", server.url, str(items_path), str(concurrency)],
+        check=True,
+    )
+    stats = server.stats()
+    first, last = stats["first_request_at"], stats["last_completion_at"]
+    return {
+        "wall_s": time.time() - started,
+        "request_phase_s": last - first,
+        "requests": stats["requests"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--latency", type=float, default=0.001)
+    parser.add_argument("--concurrency", default="64,256")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL"))
+    parser.add_argument("--bare", nargs=3, metavar=("URL", "ITEMS", "C"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare:
+        url, items, concurrency = args.bare
+        asyncio.run(_bare(url, Path(items), int(concurrency)))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="shardeval-fast-"))
+    server = TestServer.start_subprocess(ServerConfig(latency_min=args.latency))
+    prefect_process = None
+    api = args.prefect_api
+    if api is None:
+        prefect_process, api = start_prefect_server(work / "prefect-home")
+    print(
+        f"{args.items} items, latency {args.latency * 1000:g} ms, batch size {args.batch_size}, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    try:
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            ratios = []
+            for repeat in range(args.repeats):
+                directory = work / f"c{concurrency}-{repeat}"
+                spec = write_spec(
+                    directory,
+                    base_url=server.url,
+                    items=arith_items(args.items, seed=concurrency * 10 + repeat),
+                    name="fast",
+                    batch_size=args.batch_size,
+                    model={"concurrency": concurrency, "max_retries": 2},
+                )
+                env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api}
+                env["PREFECT_HOME"] = str(directory / "prefect-home")
+                bare = bare_run(server, directory / "items.jsonl", concurrency)
+                ours = timed_run(spec, server, env)
+                ratio = ours["request_phase_s"] / bare["request_phase_s"]
+                ratios.append(ratio)
+                print(
+                    json.dumps(
+                        {
+                            "concurrency": concurrency,
+                            "repeat": repeat,
+                            "bare_req_per_s": round(args.items / bare["request_phase_s"]),
+                            "shardeval_req_per_s": round(args.items / ours["request_phase_s"]),
+                            "shardeval_requests": ours["requests"],
+                            "ratio": round(ratio, 2),
+                            "load_average": round(os.getloadavg()[0], 1),
+                        }
+                    ),
+                    flush=True,
+                )
+            print(
+                json.dumps(
+                    {
+                        "concurrency": concurrency,
+                        "median_ratio": round(statistics.median(ratios), 2),
+                        "target": 1.5,
+                    }
+                ),
+                flush=True,
+            )
+    finally:
+        server.stop()
+        if prefect_process is not None:
+            stop_prefect_server(prefect_process)
+
+
+if __name__ == "__main__":
+    main()
