@@ -21,7 +21,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.stages import run_judges, submit_batches
 from shardeval import interrupt
-from shardeval.engine import close_engines
+from shardeval.engine import close_engines, stop_error
 from shardeval.errors import RunIncomplete
 from shardeval.hashing import default_run_id
 from shardeval.locking import RunLock
@@ -49,7 +49,9 @@ report = logging.getLogger("shardeval.run")
 def evaluate_run_name() -> str:
     """``{name} · {model}``, so the Prefect UI says which eval a flow run is."""
     try:
-        spec = resolve_spec(flow_run.parameters["spec"])
+        spec = resolve_spec(
+            flow_run.parameters["spec"], overrides=flow_run.parameters.get("overrides") or ()
+        )
         return f"{spec.name} · {spec.model.model or spec.model.function or spec.model.provider}"
     except Exception:
         return "evaluate"
@@ -73,6 +75,7 @@ def evaluate(
     wait: bool = False,
     task_runner: str = "threads",
     dask_address: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on a dataset, resuming whatever a previous attempt finished.
 
@@ -91,13 +94,17 @@ def evaluate(
             (worker processes of a local Dask cluster, or of ``dask_address``; needs the
             ``[dask]`` extra and a Prefect server). See docs/distributed.md.
         dask_address: an existing Dask scheduler, e.g. ``tcp://10.0.0.5:8786``.
+        overrides: ``FIELD=VALUE`` spec overrides (the CLI's ``--set``/``--model``), e.g.
+            ``["model.model=gpt-4o", "model.params.temperature=0.7"]``.
 
     Returns:
         The run's metrics.json content.
     """
     logger = get_run_logger()
     runner_kind = check_task_runner(task_runner, dask_address)
-    eval_spec = resolve_spec(spec, batch_size=batch_size, concurrency=concurrency)
+    eval_spec = resolve_spec(
+        spec, batch_size=batch_size, concurrency=concurrency, overrides=overrides or ()
+    )
     prefect_limit_mode(eval_spec.model)  # a missing model.prefect_limit fails here, not later
     validated: Validated = shard_dataset(eval_spec, limit)
     if run_id is None and not fresh and flow_run.id:
@@ -134,7 +141,8 @@ def evaluate(
                     if not failures:
                         failures = run_judges(store, validated, progress, runner=runner)
                 if failures:
-                    raise RunIncomplete(
+                    # The endpoint went away, or the key was rejected: that, not the batches.
+                    raise stop_error(run_id) or RunIncomplete(
                         f"{len(failures)} of {len(validated.plan.batches)} batches could not "
                         "finish: "
                         + "; ".join(failures[:5])

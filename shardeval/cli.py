@@ -40,6 +40,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts are plain text: "[dask]" is the name of an extra, not rich markup.
+    rich_markup_mode=None,
 )
 
 SpecArg = Annotated[
@@ -47,6 +49,18 @@ SpecArg = Annotated[
 ]
 OutputOpt = Annotated[
     str | None, typer.Option("--output", "-o", help="Where runs are stored (any fsspec URL).")
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Model name to use instead of the spec's model.model."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a spec field, e.g. --set model.params.temperature=0.7 (the value is "
+        "YAML; repeatable; applied before the run id is derived).",
+    ),
 ]
 
 
@@ -91,6 +105,16 @@ def run(
             "(default: a local cluster of SHARDEVAL_DASK_WORKERS processes).",
         ),
     ] = None,
+    model: ModelOpt = None,
+    set_: SetOpt = None,
+    no_preflight: Annotated[
+        bool,
+        typer.Option(
+            "--no-preflight",
+            help="Skip the check that the endpoint answers and knows the model before the "
+            "first batch.",
+        ),
+    ] = False,
 ) -> None:
     """Run an eval (or resume it: the same command continues where it stopped)."""
     started = time.monotonic()
@@ -101,12 +125,20 @@ def run(
 
     runner_kind = check_task_runner(task_runner, dask_address)
 
-    eval_spec = resolve_spec(_spec_source(spec), batch_size=batch_size, concurrency=concurrency)
+    overrides = _overrides(model, set_)
+    eval_spec = resolve_spec(
+        _spec_source(spec), batch_size=batch_size, concurrency=concurrency, overrides=overrides
+    )
     validated = validate_cached(eval_spec, limit=limit, remember=True)
     chosen = choose_run_id(eval_spec, run_id, fresh=fresh)
     store = RunStore(output or eval_spec.output, chosen)
     if not retry_failed and _answer_from_storage(store, validated, started):
         return
+    if not no_preflight:  # the lead moves this into the run session's prepare step
+        from shardeval.preflight import preflight
+
+        with spinner("Checking the endpoint...", enabled=not quiet and sys.stderr.isatty()):
+            preflight(eval_spec)
     show = not quiet and sys.stderr.isatty()
     progress = progress_for(chosen)
     with spinner("Loading Prefect...", enabled=show):
@@ -132,6 +164,7 @@ def run(
             wait=wait,
             task_runner=runner_kind,
             dask_address=dask_address,
+            overrides=overrides,
         )
     print_summary(
         summary,
@@ -146,13 +179,31 @@ def run(
 def validate(
     spec: SpecArg,
     limit: Annotated[int | None, typer.Option(min=1, help="Check only the first N items.")] = None,
+    model: ModelOpt = None,
+    set_: SetOpt = None,
+    check_endpoint: Annotated[
+        bool,
+        typer.Option(
+            "--check-endpoint",
+            help="Also check that the endpoint answers, the API key is accepted and the model "
+            "exists (one or two small requests, like run's preflight).",
+        ),
+    ] = False,
 ) -> None:
-    """Check a spec and its dataset (prompts, metrics, provider) without calling the model."""
+    """Check a spec and its dataset (prompts, metrics, provider) without running the eval.
+
+    Without --check-endpoint no request is made; the API key is then only checked to be set
+    for api.openai.com (other endpoints may need none).
+    """
     from shardeval.hashing import default_run_id
     from shardeval.session import validate as validate_spec
 
-    eval_spec = resolve_spec(_spec_source(spec))
+    eval_spec = resolve_spec(_spec_source(spec), overrides=_overrides(model, set_))
     checked = validate_spec(eval_spec, limit=limit)
+    if check_endpoint:
+        from shardeval.preflight import preflight
+
+        preflight(eval_spec)
     plan = checked.plan
     out_console.print(f"[green]ok[/]: {spec}")
     out_console.print(f"  dataset: {checked.dataset.url} ({len(checked.dataset):,} items)")
@@ -162,6 +213,14 @@ def validate(
     )
     out_console.print(f"  metrics: {', '.join(m.name for m in checked.metrics) or 'none'}")
     out_console.print(f"  run id: {default_run_id(eval_spec)}")
+    if check_endpoint:
+        from shardeval.preflight import endpoints
+
+        for endpoint in endpoints(eval_spec):
+            out_console.print(
+                f"  endpoint: {endpoint.field} at {endpoint.base_url} answers and serves "
+                f"{_escape(endpoint.model.model)}"
+            )
 
 
 @app.command()
@@ -236,11 +295,22 @@ def test_server(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8000,
     latency: Annotated[float, typer.Option(help="Seconds per request.")] = 0.05,
     mode: Annotated[str, typer.Option(help="arith | echo | random")] = "arith",
+    require_api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--require-api-key",
+            help="Answer 401 unless a request carries Authorization: Bearer KEY.",
+            metavar="KEY",
+        ),
+    ] = None,
 ) -> None:
     """Serve the bundled OpenAI-compatible test model on 127.0.0.1 (for trying things out)."""
     from shardeval.testing.server import main as server_main
 
-    server_main(["--port", str(port), "--latency", str(latency), "--mode", mode])
+    argv = ["--port", str(port), "--latency", str(latency), "--mode", mode]
+    if require_api_key is not None:
+        argv += ["--require-api-key", require_api_key]
+    server_main(argv)
 
 
 def _register_commands() -> None:
@@ -252,17 +322,31 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _overrides(model: str | None, sets: list[str] | None) -> list[str]:
+    """``--model`` and ``--set`` as the flow's ``overrides`` parameter (FIELD=VALUE strings).
+
+    ``--model`` becomes a quoted YAML string, so a model named ``1.5`` or ``yes`` stays text.
+    """
+    import json
+
+    found = list(sets or [])
+    if model is not None:
+        found.append(f"model.model={json.dumps(model)}")
+    return found
+
+
 def _spec_source(spec: str) -> str:
     return spec if "://" in spec else str(Path(spec).expanduser().resolve())
 
 
 def _answer_from_storage(store: Any, validated: Any, started: float) -> bool:
     """If metrics.json is current for this plan and these metrics, report it and stop."""
+    from shardeval.finality import summary_has_auth_errors
     from shardeval.finalize import metrics_fingerprint
 
     summary = store.read_json(store.metrics_path)
-    if not isinstance(summary, dict):
-        return False
+    if not isinstance(summary, dict) or summary_has_auth_errors(summary):
+        return False  # (401/403 rows of an earlier version are sent again)
     current = summary.get("plan_fingerprint") == validated.plan.fingerprint() and summary.get(
         "metrics_fingerprint"
     ) == metrics_fingerprint(validated.metrics)

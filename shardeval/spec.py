@@ -73,6 +73,11 @@ class ModelSpec(_Strict):
     """Retries of a transient failure (timeout, 429, 5xx, connection) before giving up."""
     prefect_limit: str | None = None
     """Optional Prefect global concurrency limit that throttles requests across processes."""
+    unreachable_after_s: float = Field(default=30.0, gt=0)
+    """Stop the run (exit 1, resumable) when every request has failed to connect for this long.
+
+    Not part of the fingerprint (it says how long to wait for an endpoint, not which model).
+    """
 
     @field_validator("function")
     @classmethod
