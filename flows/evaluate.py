@@ -23,6 +23,7 @@ from flows.stages import run_judges, submit_batches
 from shardeval import interrupt
 from shardeval.engine import close_engines, stop_error
 from shardeval.errors import RunIncomplete
+from shardeval.flow_failure import fail_with_reason
 from shardeval.hashing import default_run_id
 from shardeval.locking import RunLock
 from shardeval.overrides import resolve_spec
@@ -63,6 +64,7 @@ def evaluate_run_name() -> str:
     task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_WORKERS),  # type: ignore[arg-type]
     persist_result=False,
 )
+@fail_with_reason  # the state message is the error's text (shardeval.flow_failure)
 def evaluate(
     spec: str | dict[str, Any],
     output: str | None = None,
@@ -211,8 +213,8 @@ def describe_resume(run_id: str, validated: Validated, found: Survey) -> str:
     if found.diff is None and not found.done_rows:
         return f"starting run {run_id}: {total:,} requests in {len(validated.plan.batches)} batches"
     text = f"resuming run {run_id}: {found.done_rows:,} of {total:,} done"
-    if found.diff is not None and found.diff.changed:
-        text += f"; dataset changed since the last attempt: {found.diff.describe()}"
+    if found.diff is not None and found.diff.explain():
+        text += f"; {found.diff.explain()}"
     return text
 
 

@@ -10,6 +10,7 @@ from prefect import flow
 from flows.stages import run_judges
 from shardeval.engine import close_engines
 from shardeval.errors import RunIncomplete
+from shardeval.flow_failure import fail_with_reason
 from shardeval.locking import RunLock
 from shardeval.progress import progress_for
 from shardeval.rescore import prepare_rescore
@@ -17,6 +18,7 @@ from tasks.aggregate import aggregate
 
 
 @flow(name="rescore", flow_run_name="rescore {run_id}", persist_result=False)
+@fail_with_reason  # the state message is the error's text (shardeval.flow_failure)
 def rescore(
     run_id: str,
     spec: str | None = None,

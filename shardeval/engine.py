@@ -66,6 +66,8 @@ BREAKER_FAILURES = 3
 """Connection failures in a row (with ``model.unreachable_after_s`` since the last answer)
 that open the breaker; the time condition is the one that matters in practice."""
 AUTH_STATUSES = frozenset({401, 403})
+PROBE_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Between attempts while the endpoint is suspect (see :class:`Breaker`)."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,12 @@ def _error_kind(exc: ProviderError) -> str:
 class Breaker:
     """Decides when the endpoint is gone: connection failures in a row, for long enough.
 
-    Any answer (even a 500 or a 429) closes it again: the endpoint is there, it is only
-    failing, and the ordinary retries handle that. Only failures to connect at all count,
-    and both conditions must hold, so a single reset connection never stops a run.
+    After ``failures`` connection failures in a row the endpoint is *suspect*: requests go
+    out one at a time, at growing intervals (``PROBE_DELAYS_S``), instead of every queued
+    request trying (and instantly failing) on its own; so a dead endpoint sees about one
+    attempt per slot, then a handful of probes. A failure once ``quiet_s`` have passed since
+    the last answer opens the breaker (the run stops). Any answer (even a 500 or a 429)
+    clears it: the endpoint is there, only failing, and the ordinary retries handle that.
     """
 
     def __init__(self, quiet_s: float, failures: int = BREAKER_FAILURES) -> None:
@@ -110,18 +115,28 @@ class Breaker:
         self.failures = failures
         self.in_a_row = 0
         self.last_answer = time.monotonic()
+        self.next_probe = 0.0
+        self._probes = 0
+
+    @property
+    def suspect(self) -> bool:
+        """Whether requests should go one at a time (recent attempts all failed to connect)."""
+        return self.in_a_row >= self.failures
 
     def answered(self) -> None:
         """The endpoint answered (whatever the status)."""
         self.in_a_row = 0
+        self._probes = 0
         self.last_answer = time.monotonic()
 
     def connection_failed(self) -> bool:
         """Count one failure to connect; return whether the breaker is now open."""
         self.in_a_row += 1
-        return (
-            self.in_a_row >= self.failures and time.monotonic() - self.last_answer >= self.quiet_s
-        )
+        if self.suspect:
+            delay = PROBE_DELAYS_S[min(self._probes, len(PROBE_DELAYS_S) - 1)]
+            self.next_probe = time.monotonic() + delay
+            self._probes += 1
+        return self.suspect and self.silent_for() >= self.quiet_s
 
     def silent_for(self) -> float:
         """Seconds since the endpoint last answered."""
@@ -192,6 +207,7 @@ class Engine:
     async def _setup(self) -> Provider:
         self._slots = _Slots(self.model.concurrency)
         self._stopped = asyncio.Event()
+        self._probe = asyncio.Lock()
         self._prefect_limit = (
             PrefectLimit(str(self.model.prefect_limit), self._limit_mode, self.model.timeout_s)
             if self._limit_mode is not None
@@ -260,7 +276,9 @@ class Engine:
                             return Outcome(key=request.key, status="cancelled", attempts=attempts)
                         if self.stop_error is not None:
                             return self._not_sent(request, attempts)
-                        async with self._global_slot():
+                        async with self._gate(), self._global_slot():
+                            if self.stop_error is not None:
+                                return self._not_sent(request, attempts)
                             attempts += 1
                             self.requests_sent += 1
                             started = time.perf_counter()
@@ -370,8 +388,21 @@ class Engine:
         status = exc.status or 401
         return auth_error(self.model, self.field, status, exc.message.split(": ", 1)[-1])
 
+    @contextlib.asynccontextmanager
+    async def _gate(self) -> AsyncIterator[None]:
+        """While the endpoint is suspect, one request at a time, at the breaker's pace."""
+        if not self._breaker.suspect:
+            yield
+            return
+        async with self._probe:
+            if self._breaker.suspect:
+                await self._backoff(self._breaker.next_probe - time.monotonic())
+            yield
+
     async def _backoff(self, seconds: float) -> None:
         """Tenacity's sleep between retries, cut short when the run stops."""
+        if seconds <= 0:
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
 

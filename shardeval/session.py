@@ -62,6 +62,7 @@ def validate(spec: EvalSpec, *, limit: int | None = None) -> Validated:
                 hint=f"fields in the dataset: {', '.join(sorted(dataset.fields))}",
             )
     plan = build_plan(spec, dataset)
+    plan.limit = limit
     return Validated(spec=spec, dataset=dataset, metrics=metrics, plan=plan)
 
 
@@ -101,11 +102,12 @@ class Survey:
 def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Survey:
     """Compare the plan with what is stored (see the module docstring)."""
     result = Survey()
-    committed_files, parts, previous, summary = store.gather(
+    committed_files, parts, previous, summary, attempt = store.gather(
         store.list_batches,
         store.list_parts,
         lambda: store.read_table(store.plan_path, columns=["item_id", "item_key"]),
         lambda: store.read_json(store.metrics_path),
+        lambda: store.read_json(store.spec_path),
     )
     plan_keys = {b.key for b in plan.batches}
     result.committed = plan_keys & committed_files
@@ -150,7 +152,13 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
                 result.error_batches.add(key)
 
     if previous is not None:
-        result.diff = diff_plans(previous, plan.rows)
+        previous_limit = attempt.get("limit") if isinstance(attempt, dict) else None
+        result.diff = diff_plans(
+            previous,
+            plan.rows,
+            previous_limit=previous_limit if isinstance(previous_limit, int) else None,
+            limit=plan.limit,
+        )
     return result
 
 
@@ -238,6 +246,7 @@ def record_attempt(store: RunStore, validated: Validated, run_id: str) -> None:
         "model_fingerprint": model_fingerprint(spec.model),
         "metric_fingerprints": {m.name: m.fingerprint() for m in validated.metrics},
         "plan_fingerprint": validated.plan.fingerprint(),
+        "limit": validated.plan.limit,
         "shardeval_version": __version__,
     }
     store.gather(
