@@ -68,7 +68,10 @@ def test_nothing_listening_exits_2_in_seconds(tmp_path: Path, command: list[str]
 def test_key_unset_exits_2_then_the_same_command_completes(
     tmp_path: Path, prefect_api: str
 ) -> None:
-    server = TestServer.start_in_thread(ServerConfig(require_api_key="sk-gateway"))
+    # It lists the spec's model, so the preflight costs a GET /models and no completion.
+    server = TestServer.start_in_thread(
+        ServerConfig(require_api_key="sk-gateway", model="test-model")
+    )
     try:
         spec = write_spec(tmp_path, base_url=server.url, n_items=30, model={"api_key_env": KEY_ENV})
         env = cli_env(prefect_api)
