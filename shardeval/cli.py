@@ -27,7 +27,6 @@ from shardeval import interrupt
 from shardeval.display import err_console, live_progress, out_console, print_summary, spinner
 from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError
 from shardeval.overrides import resolve_spec
-from shardeval.progress import progress_for
 
 try:  # typer >= 0.29 vendors click: its usage errors are not click's own exception classes
     from typer._click.exceptions import ClickException as _TyperClickException
@@ -119,59 +118,57 @@ def run(
     """Run an eval (or resume it: the same command continues where it stopped)."""
     started = time.monotonic()
     _configure_logging(verbose)
-    from shardeval.session import choose_run_id, validate_cached
-    from shardeval.storage import RunStore
-    from shardeval.taskrunners import check_task_runner
+    from shardeval.launch import run_evaluate
+    from shardeval.session import RunSession
+    from shardeval.taskrunners import NO_SERVER_WARNING, check_task_runner, has_prefect_server
 
     runner_kind = check_task_runner(task_runner, dask_address)
-
-    overrides = _overrides(model, set_)
-    eval_spec = resolve_spec(
-        _spec_source(spec), batch_size=batch_size, concurrency=concurrency, overrides=overrides
+    session = RunSession.prepare(
+        _spec_source(spec),
+        output=output,
+        run_id=run_id,
+        fresh=fresh,
+        retry_failed=retry_failed,
+        limit=limit,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        overrides=_overrides(model, set_),
     )
-    validated = validate_cached(eval_spec, limit=limit, remember=True)
-    chosen = choose_run_id(eval_spec, run_id, fresh=fresh)
-    store = RunStore(output or eval_spec.output, chosen)
-    if not retry_failed and _answer_from_storage(store, validated, started):
+    if session.new_run_reason:
+        err_console.print(f"[yellow]{_escape(session.new_run_reason)}[/]")
+    stored = session.answer_from_storage()
+    if stored is not None:
+        err_console.print(
+            f"[dim]run {session.run_id} is complete and current: answered from storage[/]"
+        )
+        print_summary(
+            stored,
+            wall_s=time.monotonic() - started,
+            sent=0,
+            from_cache=stored["n_rows"],
+            results_dir=session.store.url(),
+        )
         return
     if not no_preflight:  # the lead moves this into the run session's prepare step
         from shardeval.preflight import preflight
 
         with spinner("Checking the endpoint...", enabled=not quiet and sys.stderr.isatty()):
-            preflight(eval_spec)
+            preflight(session.spec)
     show = not quiet and sys.stderr.isatty()
-    progress = progress_for(chosen)
-    with spinner("Loading Prefect...", enabled=show):
-        from flows.evaluate import evaluate
-    flow_fn = evaluate
-    if runner_kind != "threads":
-        from shardeval.taskrunners import NO_SERVER_WARNING, has_prefect_server, make_task_runner
-
-        if not has_prefect_server():
-            err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
-        flow_fn = evaluate.with_options(task_runner=make_task_runner(runner_kind, dask_address))
-    _start_prefect(show)
-    _install_signal_handlers(eval_spec.grace_period_s)
+    if runner_kind != "threads" and not has_prefect_server():
+        err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
+    _install_signal_handlers(session.spec.grace_period_s)
+    progress = session.progress
     with live_progress(progress, enabled=not quiet):
-        summary = flow_fn(
-            spec=eval_spec.source or eval_spec.model_dump(),
-            output=store.output,
-            run_id=chosen,
-            retry_failed=retry_failed,
-            limit=limit,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            wait=wait,
-            task_runner=runner_kind,
-            dask_address=dask_address,
-            overrides=overrides,
+        summary = run_evaluate(
+            session, wait=wait, task_runner=runner_kind, dask_address=dask_address, show=show
         )
     print_summary(
         summary,
         wall_s=time.monotonic() - started,
         sent=progress.sent,
         from_cache=progress.from_cache,
-        results_dir=store.url(),
+        results_dir=session.store.url(),
     )
 
 
@@ -196,7 +193,7 @@ def validate(
     for api.openai.com (other endpoints may need none).
     """
     from shardeval.hashing import default_run_id
-    from shardeval.session import validate as validate_spec
+    from shardeval.validation import validate as validate_spec
 
     eval_spec = resolve_spec(_spec_source(spec), overrides=_overrides(model, set_))
     checked = validate_spec(eval_spec, limit=limit)
@@ -267,6 +264,7 @@ def rescore(
     """Apply metrics to a run's stored responses: new results and metrics, no model call."""
     started = time.monotonic()
     _configure_logging(verbose)
+    from shardeval.launch import start_prefect
     from shardeval.rescore import prepare_rescore
 
     source = _spec_source(spec) if spec else None
@@ -279,7 +277,7 @@ def rescore(
     show = not quiet and sys.stderr.isatty()
     with spinner("Loading Prefect...", enabled=show):
         from flows.rescore import rescore as rescore_flow
-    _start_prefect(show)
+    start_prefect(show)
     summary = rescore_flow(run_id=run_id, spec=source, output=output, wait=wait)
     print_summary(
         summary,
@@ -339,50 +337,6 @@ def _spec_source(spec: str) -> str:
     return spec if "://" in spec else str(Path(spec).expanduser().resolve())
 
 
-def _answer_from_storage(store: Any, validated: Any, started: float) -> bool:
-    """If metrics.json is current for this plan and these metrics, report it and stop."""
-    from shardeval.finality import summary_has_auth_errors
-    from shardeval.finalize import metrics_fingerprint
-
-    summary = store.read_json(store.metrics_path)
-    if not isinstance(summary, dict) or summary_has_auth_errors(summary):
-        return False  # (401/403 rows of an earlier version are sent again)
-    current = summary.get("plan_fingerprint") == validated.plan.fingerprint() and summary.get(
-        "metrics_fingerprint"
-    ) == metrics_fingerprint(validated.metrics)
-    if not current or not store.exists(store.results_path):
-        return False
-    from shardeval.locking import RunLock
-
-    RunLock(store).clear_stale()  # left by a run killed between metrics.json and its release
-    err_console.print(f"[dim]run {store.run_id} is complete and current: answered from storage[/]")
-    print_summary(
-        summary,
-        wall_s=time.monotonic() - started,
-        sent=0,
-        from_cache=summary["n_rows"],
-        results_dir=store.url(),
-    )
-    return True
-
-
-def _start_prefect(show: bool) -> None:
-    """Start Prefect's API client (and its temporary server, without PREFECT_API_URL)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    api_url = PREFECT_API_URL.value()  # the environment or the active Prefect profile
-    if api_url:
-        message = f"Connecting to Prefect at {api_url}..."
-    else:
-        message = (
-            "Starting Prefect's temporary API server (10-20 s; "
-            "`prefect server start --background` skips this)..."
-        )
-    with spinner(message, enabled=show), get_client(sync_client=True) as client:
-        client.api_healthcheck()
-
-
 def _install_signal_handlers(grace_period_s: float) -> None:
     """Make Ctrl-C/SIGTERM stop gracefully.
 
@@ -405,14 +359,10 @@ def _install_signal_handlers(grace_period_s: float) -> None:
 
 
 def _configure_logging(verbose: bool) -> None:
-    # Prefect's INFO lines would tear through the progress bar; they still reach the API/UI.
     # A user error is printed once, cleanly, by main(); Prefect would add a traceback.
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    # This tool never needs to phone home, and many eval machines have no route out.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # A loaded 2-core machine can take longer than Prefect's default 20 s to start its server.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from shardeval.launch import quiet_prefect
+
+    quiet_prefect(verbose)
     handler = RichHandler(console=err_console, show_path=False, show_time=False)
     logger = logging.getLogger("shardeval")
     logger.handlers[:] = [handler]

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from shardeval import __version__
 from shardeval.hashing import digest
+from shardeval.judging import Judgements, judge_metrics, load_judgements, with_judgements
 from shardeval.metrics import Metric, score_row, summarize
 from shardeval.metrics.trials import bootstrap_ci95, item_means, trial_statistics
 from shardeval.planning import RunPlan
@@ -40,6 +41,20 @@ def metrics_fingerprint(metrics: list[Metric]) -> str:
     return digest([m.fingerprint() for m in metrics])
 
 
+def is_current(
+    summary: Any, *, plan_fingerprint: str | None, metrics: list[Metric] | None = None
+) -> bool:
+    """Whether a metrics.json describes this plan (and, given ``metrics``, these metrics).
+
+    The one criterion for "complete": every command that asks uses this.
+    """
+    if not isinstance(summary, dict) or not summary.get("complete"):
+        return False
+    if plan_fingerprint is None or summary.get("plan_fingerprint") != plan_fingerprint:
+        return False
+    return metrics is None or summary.get("metrics_fingerprint") == metrics_fingerprint(metrics)
+
+
 def finalize(
     store: RunStore,
     plan: RunPlan,
@@ -47,17 +62,31 @@ def finalize(
     *,
     started_at: datetime,
     finished_at: datetime,
+    judgements: dict[str, Judgements] | None = None,
+    stored: list[pa.Table] | None = None,
 ) -> Finalized:
-    """Write results.parquet (dataset order), then metrics.json (the previous one to history/)."""
+    """Write results.parquet (dataset order), then metrics.json (the previous one to history/).
+
+    ``judgements`` (metric name → judgements) are the ``llm_judge`` metrics' inputs; without
+    them the judgements stored in the run are read, so finalizing on its own scores the same.
+    ``stored`` are the plan's committed batch tables when the caller has read them already.
+    """
+    if judgements is None:
+        judgements = {m.name: load_judgements(store, m) for m in judge_metrics(metrics)}
+    metrics = with_judgements(metrics, judgements)
     chunks: list[pa.Table] = []
     groups: list[str] = []
     score_errors: Counter[str] = Counter()
-    paths = [store.batch_path(batch.key) for batch in plan.batches]
-    for batch, stored in zip(plan.batches, store.read_tables(paths), strict=True):
-        if stored is None:
+    tables: list[pa.Table | None]
+    if stored is None:
+        tables = list(store.read_tables([store.batch_path(batch.key) for batch in plan.batches]))
+    else:
+        tables = list(stored)
+    for batch, table in zip(plan.batches, tables, strict=True):
+        if table is None:
             raise FileNotFoundError(f"committed batch {batch.key} vanished before finalizing")
         rows = plan.rows.slice(batch.start, batch.stop - batch.start)
-        chunk, chunk_groups = _score_chunk(plan, rows, conform(stored), metrics, score_errors)
+        chunk, chunk_groups = _score_chunk(plan, rows, conform(table), metrics, score_errors)
         chunks.append(chunk)
         groups.extend(chunk_groups)
     score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})

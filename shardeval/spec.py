@@ -214,15 +214,25 @@ def _validate(
 
 def _describe(error: Any, text: str | None, origin: str) -> str:
     loc = tuple(error["loc"])
-    path = field_path(loc)
     line = line_of(text, loc) if text is not None else None
     where = f"{origin}:{line}: " if line else ""
+    return f"{where}{describe_problem(error)}"
+
+
+def describe_problem(error: Any, *, prefix: str = "", unknown: str = "unknown field") -> str:
+    """One pydantic error as ``prefix.metrics[0].target: required field is missing``."""
+    path = field_path(tuple(error["loc"]))
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        message = "unknown field"
+        message = unknown
     elif error["type"] == "missing":
         message = "required field is missing"
-    return f"{where}{path}: {message}"
+    return f"{prefix}{path}: {message}"
+
+
+def validation_problems(exc: ValidationError, **options: Any) -> str:
+    """Every problem of a pydantic error, ``; ``-separated (see :func:`describe_problem`)."""
+    return "; ".join(describe_problem(err, **options) for err in exc.errors())
 
 
 def field_path(loc: tuple[Any, ...]) -> str:

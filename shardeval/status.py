@@ -19,7 +19,6 @@ and the read makes us list ``batches/`` once more.
 from __future__ import annotations
 
 import json
-import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,18 +30,14 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from shardeval.errors import EXIT_USAGE, ShardevalError
-from shardeval.hashing import batch_key, digest
+from shardeval.catalog import not_found
+from shardeval.finalize import is_current
+from shardeval.hashing import digest
 from shardeval.locking import RunLock
+from shardeval.planning import cut_batches
 from shardeval.storage import RunStore
 
 COUNT_COLUMNS = ["item_key", "status", "error_kind", "prompt_tokens", "completion_tokens"]
-
-
-class RunNotFound(ShardevalError):
-    """There is no run with that id under that output (exit 2: a wrong argument)."""
-
-    exit_code = EXIT_USAGE
 
 
 @dataclass
@@ -139,7 +134,7 @@ def read_status(
     """Read what ``<output>/runs/<run_id>`` holds (see the module docstring for the cost)."""
     store = RunStore(output, run_id, storage_options)
     if not store.exists(store.root):
-        raise RunNotFound(_not_found_message(store, run_id), hint=_not_found_hint(store))
+        raise not_found(output, run_id)
     status = RunStatus(run_id=run_id, url=store.url())
 
     parts = store.list_parts()
@@ -162,8 +157,8 @@ def read_status(
         status.complete = True
         status.metrics = metrics
         status.name = status.name or metrics.get("name")
-        status.current = isinstance(spec, dict) and metrics.get("plan_fingerprint") == spec.get(
-            "plan_fingerprint"
+        status.current = isinstance(spec, dict) and is_current(
+            metrics, plan_fingerprint=spec.get("plan_fingerprint")
         )
 
     plan_batches = _plan_batches(plan_keys, spec)
@@ -192,22 +187,6 @@ def read_status(
     return status
 
 
-def _not_found_message(store: RunStore, run_id: str) -> str:
-    return f"no run {run_id!r} under {store.url_of(posixpath.dirname(store.root))}"
-
-
-def _not_found_hint(store: RunStore) -> str:
-    runs_dir = posixpath.dirname(store.root)
-    try:
-        names = sorted(posixpath.basename(p) for p in store._list(runs_dir))
-    except ShardevalError:
-        names = []
-    if not names:
-        return "pass --output with the run's output location (the spec's `output`)"
-    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-    return f"runs stored there: {shown}; or pass --output with another location"
-
-
 def _json(data: bytes | None) -> Any:
     if data is None:
         return None
@@ -229,13 +208,20 @@ def _plan_keys(store: RunStore) -> list[str] | None:
 
 
 def _plan_batches(plan_keys: list[str] | None, spec: Any) -> set[str] | None:
-    """The batch keys of the latest plan (its rows cut by the batch size in spec.json)."""
-    if plan_keys is None or not isinstance(spec, dict):
+    """The batch keys of the latest plan, as spec.json records them.
+
+    Runs written before spec.json held ``batch_keys`` have their plan cut again by its batch
+    size, with planning's own cutter.
+    """
+    if not isinstance(spec, dict):
         return None
+    recorded = spec.get("batch_keys")
+    if isinstance(recorded, list):
+        return {str(k) for k in recorded}
     size = (spec.get("spec") or {}).get("batch_size")
-    if not isinstance(size, int) or size <= 0:
+    if plan_keys is None or not isinstance(size, int) or size <= 0:
         return None
-    keys = [batch_key(plan_keys[i : i + size]) for i in range(0, len(plan_keys), size)]
+    keys = [b.key for b in cut_batches(plan_keys, size)]
     if spec.get("plan_fingerprint") not in (None, digest(keys)):
         return None  # spec.json and plan.parquet are from different attempts (a kill between)
     return set(keys)

@@ -43,11 +43,6 @@ def test_blocks_are_found() -> None:
     assert commands(blocks[0][1]) == ["shardeval run examples/quickstart.yaml"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the run id still hashes the absolute dataset path: a copy of the project gets "
-    "another id than the README's (fixed by the lead's run-id change; then drop this mark)",
-)
 def test_readme_snippets_run_as_written(tmp_path: Path) -> None:
     project = tmp_path / "shardeval"
     shutil.copytree(ROOT / "examples", project / "examples")

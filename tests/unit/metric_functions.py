@@ -50,3 +50,9 @@ def returns_bad_dict(response: str, item: Mapping[str, Any]) -> dict[str, object
 
 def raises(response: str, item: Mapping[str, Any]) -> float:
     raise RuntimeError("scorer exploded")
+
+
+def judge_sum(item: dict[str, Any], messages: list[dict[str, str]]) -> str:
+    """A python-provider judge: grades ``Response: <text>`` against the item's answer."""
+    response = messages[-1]["content"].rsplit("Response:", 1)[-1].strip()
+    return "GRADE: C" if response == str(item["answer"]) else "GRADE: I"

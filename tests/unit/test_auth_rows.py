@@ -14,26 +14,34 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flows.evaluate import batch_works
 from shardeval.engine import close_engines, engine_for
 from shardeval.finality import is_final, summary_has_auth_errors
 from shardeval.finalize import finalize
 from shardeval.overrides import resolve_spec
 from shardeval.progress import forget, progress_for
-from shardeval.runner import RunRef, run_batch
-from shardeval.session import Validated, survey, validate
+from shardeval.runner import BatchWork, RunRef, run_batch
+from shardeval.session import RunSession
 from shardeval.storage import RunStore
+from shardeval.survey import survey
 from shardeval.testing.server import TestServer
+from shardeval.validation import Validated, validate
 from tests.helpers.specs import write_spec
 
 N_ITEMS = 12
 REJECTED = [2, 5, 9]
 
 
+def generation_works(store: RunStore, validated: Validated) -> list[BatchWork]:
+    """The generation stage's batch works, as an attempt of the run session builds them."""
+    session = RunSession(validated, store.run_id, store)
+    with session.attempt():
+        stage = next(session.stages())
+        return [work for work, _stale in stage.works]
+
+
 def run_all(store: RunStore, validated: Validated, run: RunRef) -> None:
-    found = survey(store, validated.plan)
     try:
-        for work, _stale in batch_works(validated, found, run, retry_failed=False):
+        for work in generation_works(store, validated):
             run_batch(store, work, engine_for(run.run_id, run.model), progress_for(run.run_id))
     finally:
         close_engines(run.run_id)
@@ -103,7 +111,7 @@ def test_a_retried_batch_with_401_rows_sends_only_those(
     )
     llm_server.reset()
 
-    work, _ = next(batch_works(validated, survey(store, validated.plan), run, False))
+    (work,) = generation_works(store, validated)
     assert not work.nothing_stored  # committed, as far as the listing says
     try:
         pointer = run_batch(store, work, engine_for(run.run_id, run.model), progress_for("x"))

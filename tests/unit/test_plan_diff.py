@@ -8,8 +8,10 @@ import pyarrow as pa
 
 from shardeval.overrides import resolve_spec
 from shardeval.planning import diff_plans
-from shardeval.session import record_attempt, survey, validate
+from shardeval.session import RunSession
 from shardeval.storage import RunStore
+from shardeval.survey import survey
+from shardeval.validation import validate
 from tests.helpers.specs import write_spec
 
 
@@ -56,8 +58,8 @@ def test_survey_reads_the_previous_attempts_limit(tmp_path: Path) -> None:
     """``--limit 5`` then a full run: spec.json recorded the 5, the survey says "raised"."""
     spec = resolve_spec(str(write_spec(tmp_path, n_items=12)))
     store = RunStore(str(tmp_path / "out"), "limits")
-    limited = validate(spec, limit=5)
-    record_attempt(store, limited, "limits")
+    with RunSession(validate(spec, limit=5), "limits", store).attempt():
+        pass  # records the attempt (spec.json, plan.parquet)
     assert store.read_json(store.spec_path)["limit"] == 5
 
     found = survey(store, validate(spec).plan)
