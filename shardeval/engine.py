@@ -114,7 +114,9 @@ class Breaker:
         self.quiet_s = quiet_s
         self.failures = failures
         self.in_a_row = 0
-        self.last_answer = time.monotonic()
+        self.last_answer: float | None = None
+        """When the endpoint last answered (None: not yet; the clock then starts at the first
+        failure, not when the engine was built)."""
         self.next_probe = 0.0
         self._probes = 0
 
@@ -131,6 +133,8 @@ class Breaker:
 
     def connection_failed(self) -> bool:
         """Count one failure to connect; return whether the breaker is now open."""
+        if self.last_answer is None:
+            self.last_answer = time.monotonic()
         self.in_a_row += 1
         if self.suspect:
             delay = PROBE_DELAYS_S[min(self._probes, len(PROBE_DELAYS_S) - 1)]
@@ -139,8 +143,8 @@ class Breaker:
         return self.suspect and self.silent_for() >= self.quiet_s
 
     def silent_for(self) -> float:
-        """Seconds since the endpoint last answered."""
-        return time.monotonic() - self.last_answer
+        """Seconds since the endpoint last answered (or first failed to, if it never did)."""
+        return 0.0 if self.last_answer is None else time.monotonic() - self.last_answer
 
 
 class _Slots:
