@@ -25,7 +25,7 @@ from rich.logging import RichHandler
 
 from shardeval import interrupt
 from shardeval.display import err_console, live_progress, out_console, print_summary, spinner
-from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError
+from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError, SpecError
 from shardeval.overrides import resolve_spec
 
 try:  # typer >= 0.29 vendors click: its usage errors are not click's own exception classes
@@ -114,6 +114,20 @@ def run(
             "first batch.",
         ),
     ] = False,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            help="When complete, compare with previous (the latest complete earlier run of "
+            "this eval), tag:NAME or a run id; stored as comparison.json.",
+        ),
+    ] = None,
+    fail_on_regression: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-regression", help="With --baseline: exit 3 on a significant regression."
+        ),
+    ] = False,
 ) -> None:
     """Run an eval (or resume it: the same command continues where it stopped)."""
     started = time.monotonic()
@@ -123,6 +137,12 @@ def run(
     from shardeval.taskrunners import NO_SERVER_WARNING, check_task_runner, has_prefect_server
 
     runner_kind = check_task_runner(task_runner, dask_address)
+    if fail_on_regression and not baseline:
+        raise SpecError("--fail-on-regression needs --baseline", hint="add --baseline previous")
+    if baseline:
+        from shardeval.baseline import check_selector
+
+        check_selector(baseline)
     session = RunSession.prepare(
         _spec_source(spec),
         output=output,
@@ -148,6 +168,11 @@ def run(
             from_cache=stored["n_rows"],
             results_dir=session.store.url(),
         )
+        if baseline:
+            from shardeval.baseline import compare_with_baseline
+
+            found = compare_with_baseline(session.store, session.spec.name, baseline)
+            _report_comparison(found.to_dict() if found else None, fail_on_regression)
         return
     if not no_preflight:  # the lead moves this into the run session's prepare step
         from shardeval.preflight import preflight
@@ -161,7 +186,12 @@ def run(
     progress = session.progress
     with live_progress(progress, enabled=not quiet):
         summary = run_evaluate(
-            session, wait=wait, task_runner=runner_kind, dask_address=dask_address, show=show
+            session,
+            wait=wait,
+            task_runner=runner_kind,
+            dask_address=dask_address,
+            baseline=baseline,
+            show=show,
         )
     print_summary(
         summary,
@@ -170,6 +200,20 @@ def run(
         from_cache=progress.from_cache,
         results_dir=session.store.url(),
     )
+    if baseline:
+        _report_comparison(summary.get("comparison"), fail_on_regression)
+
+
+def _report_comparison(comparison: dict[str, Any] | None, fail_on_regression: bool) -> None:
+    """Print the run's comparison with its baseline; exit 3 on a regression if asked."""
+    from shardeval.commands.compare import gate, print_comparison_dict
+
+    if comparison is None:
+        err_console.print("[dim]no baseline yet: nothing to compare with[/]")
+        return
+    print_comparison_dict(comparison)
+    if fail_on_regression:
+        gate(comparison)
 
 
 @app.command()

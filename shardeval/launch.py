@@ -50,6 +50,7 @@ def run_evaluate(
     wait: bool = False,
     task_runner: str = "threads",
     dask_address: str | None = None,
+    baseline: str | None = None,
     show: bool = False,
 ) -> dict[str, Any]:
     """Run the ``evaluate`` flow on ``session``; return its metrics.json content."""
@@ -68,5 +69,6 @@ def run_evaluate(
         wait=wait,
         task_runner=task_runner,
         dask_address=dask_address,
+        baseline=baseline,
     )
     return summary
