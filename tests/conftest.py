@@ -89,3 +89,15 @@ def run_cli(prefect_api: str) -> Any:
         )
 
     return run
+
+
+SLOW_DIRECTORIES = ("crash", "s3", "deploy")
+"""Every test in these directories starts subprocesses or servers: part of the full suite only."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark crash, S3 and deployment tests slow, so `pytest -m "not slow"` is the fast loop."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT).parts
+        if len(parts) > 2 and parts[0] == "tests" and parts[1] in SLOW_DIRECTORIES:
+            item.add_marker(pytest.mark.slow)

@@ -60,7 +60,7 @@ class ServerConfig:
     down: bool = False
     retry_after: float | None = None
     require_api_key: str | None = None
-    model: str = "shardeval-test"
+    model: str = "test-model"
     strict_model: bool = False
 
     def __post_init__(self) -> None:

@@ -46,7 +46,7 @@ def test_unresolvable_host_names_base_url(tmp_path: Path) -> None:
 
 
 def test_listed_model_needs_one_request(tmp_path: Path, server: TestServer) -> None:
-    preflight(spec_for(tmp_path, server.url, model="shardeval-test"))
+    preflight(spec_for(tmp_path, server.url, model="test-model"))
     assert server.stats()["requests"] == 0  # GET /models only; no completion was made
 
 
@@ -60,7 +60,7 @@ def test_unknown_model_names_model_field(tmp_path: Path) -> None:
     try:
         with pytest.raises(EndpointError, match=r"model\.model: 'gpt-nope' is not served") as e:
             preflight(spec_for(tmp_path, strict.url, model="gpt-nope"))
-        assert "shardeval-test" in str(e.value)  # the hint lists what /models offers
+        assert "test-model" in str(e.value)  # the hint lists what /models offers
     finally:
         strict.stop()
 
