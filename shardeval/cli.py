@@ -112,13 +112,13 @@ def run(
     with spinner("Loading Prefect...", enabled=show):
         from flows.evaluate import evaluate
     flow_fn = evaluate
+    _start_prefect(show)
     if runner_kind != "threads":
         from shardeval.taskrunners import NO_SERVER_WARNING, has_prefect_server, make_task_runner
 
         if not has_prefect_server():
             err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
         flow_fn = evaluate.with_options(task_runner=make_task_runner(runner_kind, dask_address))
-    _start_prefect(show)
     _install_signal_handlers(eval_spec.grace_period_s)
     with live_progress(progress, enabled=not quiet):
         summary = flow_fn(
@@ -283,19 +283,25 @@ def _answer_from_storage(store: Any, validated: Any, started: float) -> bool:
 
 
 def _start_prefect(show: bool) -> None:
-    """Start Prefect's API client (and its temporary server, without PREFECT_API_URL)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
+    """Choose the Prefect API (see shardeval.local_server) and check that it answers.
 
-    api_url = PREFECT_API_URL.value()  # the environment or the active Prefect profile
-    if api_url:
-        message = f"Connecting to Prefect at {api_url}..."
+    Without an explicit ``PREFECT_API_URL`` this is shardeval's local server, started once in
+    a session of its own (so the terminal's Ctrl-C never reaches it) and reused by later runs;
+    ``SHARDEVAL_LOCAL_SERVER=0`` keeps Prefect's temporary in-process server.
+    """
+    from shardeval.local_server import use_prefect_api
+
+    api = use_prefect_api(waiting=lambda message: spinner(message, enabled=show))
+    if api.message:
+        err_console.print(f"[dim]{_escape(api.message)}[/]")
+    if api.url:
+        message = f"Connecting to Prefect at {api.url}..."
     else:
-        message = (
-            "Starting Prefect's temporary API server (10-20 s; "
-            "`prefect server start --background` skips this)..."
-        )
-    with spinner(message, enabled=show), get_client(sync_client=True) as client:
+        message = "Starting Prefect's temporary API server (10-20 s)..."
+    from prefect.client.orchestration import get_client
+
+    shown = show and api.source != "local"  # the local server was just checked: no spinner
+    with spinner(message, enabled=shown), get_client(sync_client=True) as client:
         client.api_healthcheck()
 
 
@@ -326,7 +332,9 @@ def _configure_logging(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     # This tool never needs to phone home, and many eval machines have no route out.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from shardeval.local_server import telemetry_off
+
+    telemetry_off()  # before prefect is imported: it reads DO_NOT_TRACK at import
     # A loaded 2-core machine can take longer than Prefect's default 20 s to start its server.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     handler = RichHandler(console=err_console, show_path=False, show_time=False)
