@@ -51,7 +51,7 @@ def stop() -> None:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
-    """Show the local server: URL, pids, uptime, idle time, log. Exit 1 if none is running."""
+    """Show the local server: URL, pids, uptime, idle time, log (``--json``: ``running``)."""
     found = _status()
     if as_json:
         print(json.dumps(found, indent=2, sort_keys=True))
@@ -65,10 +65,8 @@ def status(
             f"  idle {_age(found['idle_s'])}; stops itself after {_age(found['idle_limit_s'])}"
         )
         out_console.print(f"  log: {found['log']}")
-    if not found["running"]:
-        if found.get("stale"):
-            err_console.print(f"[yellow]warning[/]: {found['stale']}")
-        raise typer.Exit(1)
+    if found.get("stale"):
+        err_console.print(f"[yellow]warning[/]: {found['stale']}")
 
 
 def _status() -> dict[str, Any]:
