@@ -20,27 +20,55 @@ import at module level: ``shardeval server status`` and the health check need no
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
 from shardeval.errors import ShardevalError, SpecError
+from shardeval.server_files import (
+    ServerFiles,
+    ServerState,
+    idle_for,
+    is_healthy,
+    is_ours,
+    pid_alive,
+    read_state,
+    shardeval_home,
+    terminate,
+    touch,
+)
+
+__all__ = [
+    "LocalServerError",
+    "PrefectApi",
+    "ServerFiles",
+    "ServerState",
+    "ensure_local_server",
+    "idle_seconds",
+    "is_healthy",
+    "pid_alive",
+    "read_state",
+    "shardeval_home",
+    "stop_local_server",
+    "telemetry_off",
+    "use_prefect_api",
+]
 
 DEFAULT_IDLE_S = 2 * 3600.0
 START_BUDGET_S = 120.0
 STOP_DEADLINE_S = 20.0
+KEEP_ALIVE_MAX_S = 60.0
+IN_USE_S = 2.5 * KEEP_ALIVE_MAX_S
+"""A server touched this recently may be serving a run right now (runs touch it every minute)."""
 _TELEMETRY_OFF = {
     # The server's heartbeat to Prefect (and its "Failed to send telemetry" errors offline).
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -51,23 +79,6 @@ _TELEMETRY_OFF = {
 
 class LocalServerError(ShardevalError):
     """The local Prefect server could not be started or stopped."""
-
-
-@dataclass(frozen=True)
-class ServerState:
-    """What ``server.json`` records about a running local server (written by its supervisor)."""
-
-    pid: int
-    """The ``prefect server start`` process."""
-    supervisor_pid: int
-    """The process that started it and stops it when idle (``shardeval.server_supervisor``)."""
-    port: int
-    url: str
-    """The API URL, as ``PREFECT_API_URL`` takes it (``http://127.0.0.1:PORT/api``)."""
-    started_at: float
-    prefect_version: str
-    idle_s: float
-    log: str
 
 
 @dataclass(frozen=True)
@@ -87,39 +98,6 @@ class PrefectApi:
             f"using the local Prefect server at {self.url} "
             "(started by shardeval; `shardeval server stop` stops it)"
         )
-
-
-def shardeval_home() -> Path:
-    """``SHARDEVAL_HOME`` or ``~/.shardeval``: where the local server's files live."""
-    raw = os.environ.get("SHARDEVAL_HOME")
-    return Path(raw).expanduser() if raw else Path.home() / ".shardeval"
-
-
-@dataclass(frozen=True)
-class ServerFiles:
-    """The paths of one shardeval home's server files."""
-
-    home: Path
-
-    @property
-    def state(self) -> Path:  # noqa: D102 - the names say it
-        return self.home / "server.json"
-
-    @property
-    def log(self) -> Path:  # noqa: D102
-        return self.home / "server.log"
-
-    @property
-    def last_used(self) -> Path:  # noqa: D102
-        return self.home / "server.last-used"
-
-    @property
-    def lock(self) -> Path:  # noqa: D102
-        return self.home / "server.lock"
-
-    @property
-    def prefect_home(self) -> Path:  # noqa: D102
-        return self.home / "prefect"
 
 
 def telemetry_off(env: dict[str, str] | None = None) -> None:
@@ -143,64 +121,17 @@ def idle_seconds() -> float:
     return value
 
 
-def read_state(files: ServerFiles) -> ServerState | None:
-    """The recorded server, or ``None`` if there is none (or the file is unreadable)."""
-    try:
-        raw = json.loads(files.state.read_text())
-        return ServerState(**raw)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def write_state(files: ServerFiles, state: ServerState) -> None:
-    """Write ``server.json`` atomically (a reader sees the old file or the new one)."""
-    tmp = files.state.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(state), indent=2))
-    os.replace(tmp, files.state)
-
-
-def remove_state_if(files: ServerFiles, supervisor_pid: int) -> None:
-    """Remove ``server.json`` if it still names this supervisor (a newer server keeps its own)."""
-    state = read_state(files)
-    if state is not None and state.supervisor_pid == supervisor_pid:
-        files.state.unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def is_healthy(url: str, timeout: float = 2.0) -> bool:
-    """``GET {url}/health`` answers 200 (the check Prefect's own client makes)."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-def touch(files: ServerFiles) -> None:
-    """Record that the server is in use now (the supervisor's idle clock restarts)."""
-    files.last_used.touch()
-
-
 def running_server(files: ServerFiles) -> ServerState | None:
-    """The recorded server if it is alive, answers its health check and matches this Prefect."""
+    """The recorded server if it is alive, answers its health check and matches this Prefect.
+
+    A server of another Prefect version (an upgrade, or another environment sharing the home)
+    is replaced only when idle: a run in progress elsewhere may be using it, and Prefect 3's
+    API is the same across its minor versions.
+    """
     state = read_state(files)
     if state is None or not pid_alive(state.pid) or not is_healthy(state.url):
         return None
-    if state.prefect_version != version("prefect"):
+    if state.prefect_version != version("prefect") and idle_for(files) > IN_USE_S:
         return None
     return state
 
@@ -225,11 +156,15 @@ def ensure_local_server(
     Raises:
         LocalServerError: The server did not become healthy within 120 s (the log's tail says why).
     """
-    from filelock import FileLock
-
     files = ServerFiles(home or shardeval_home())
-    files.home.mkdir(parents=True, exist_ok=True)
-    with FileLock(files.lock):
+    try:
+        files.home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LocalServerError(
+            f"cannot create the shardeval home {files.home} ({exc.strerror}). To resolve this: "
+            "set SHARDEVAL_HOME to a writable directory, or PREFECT_API_URL to a Prefect server"
+        ) from exc
+    with _locked(files, waiting or _no_wait):
         state = running_server(files)
         if state is None:
             _stop_recorded(files)
@@ -299,7 +234,7 @@ def _keep_alive(files: ServerFiles) -> None:
         return
     _keep_alive_started.add(files.home)
     state = read_state(files)
-    interval = min(60.0, max(0.5, (state.idle_s if state else DEFAULT_IDLE_S) / 3))
+    interval = min(KEEP_ALIVE_MAX_S, max(0.5, (state.idle_s if state else DEFAULT_IDLE_S) / 3))
 
     def beat() -> None:
         while True:
@@ -310,6 +245,33 @@ def _keep_alive(files: ServerFiles) -> None:
                 return
 
     threading.Thread(target=beat, name="shardeval-server-keepalive", daemon=True).start()
+
+
+@contextmanager
+def _locked(
+    files: ServerFiles, waiting: Callable[[str], AbstractContextManager[Any]]
+) -> Iterator[None]:
+    """Hold ``server.lock``; say so if another process holds it (it is starting the server)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(files.lock)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        message = "Waiting for another shardeval process starting the local Prefect server..."
+        try:
+            with waiting(message):
+                lock.acquire(timeout=START_BUDGET_S + 2 * STOP_DEADLINE_S)
+        except Timeout as exc:
+            raise LocalServerError(
+                f"{files.lock} is held by another process for more than "
+                f"{START_BUDGET_S + 2 * STOP_DEADLINE_S:g} s; `shardeval server status` shows "
+                "the server, its log says what it is doing"
+            ) from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _no_wait(message: str) -> AbstractContextManager[None]:
@@ -377,34 +339,8 @@ def _stop_recorded(files: ServerFiles) -> ServerState | None:
     if state is None:
         return None
     files.state.unlink(missing_ok=True)
-    if _is_ours(state.supervisor_pid, "shardeval.server_supervisor"):
+    if is_ours(state.supervisor_pid, "shardeval.server_supervisor"):
         terminate(state.supervisor_pid, deadline_s=STOP_DEADLINE_S)  # it stops the server first
-    if _is_ours(state.pid, "prefect"):
+    if is_ours(state.pid, "prefect"):
         terminate(state.pid, deadline_s=STOP_DEADLINE_S, group=True)
     return state
-
-
-def _is_ours(pid: int, marker: str) -> bool:
-    """Whether ``pid`` is still the process we recorded (pids get reused after a reboot)."""
-    if not Path("/proc/self/cmdline").exists():  # no procfs (macOS): trust the pid
-        return pid_alive(pid)
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return marker.encode() in cmdline.read()
-    except OSError:
-        return False
-
-
-def terminate(pid: int, *, deadline_s: float, group: bool = False) -> None:
-    """SIGTERM (background Prefect processes ignore SIGINT), wait, then SIGKILL."""
-    send: Callable[[int, int], None] = os.killpg if group else os.kill
-    for signum, wait_s in ((signal.SIGTERM, deadline_s), (signal.SIGKILL, 5.0)):
-        if not pid_alive(pid):
-            return
-        try:
-            send(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            return
-        end = time.monotonic() + wait_s
-        while time.monotonic() < end and pid_alive(pid):
-            time.sleep(0.1)

@@ -23,14 +23,16 @@ from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
 
-from shardeval.local_server import (
-    STOP_DEADLINE_S,
+from shardeval.server_files import (
     ServerFiles,
     ServerState,
+    idle_for,
     remove_state_if,
     terminate,
     write_state,
 )
+
+STOP_DEADLINE_S = 20.0
 
 
 class _Stop(Exception):
@@ -41,22 +43,15 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def _idle_for(files: ServerFiles) -> float:
-    try:
-        return time.time() - files.last_used.stat().st_mtime
-    except OSError:
-        return float("inf")
-
-
 def _idle_stop_due(files: ServerFiles, idle_s: float) -> bool:
     """Idle, checked under the lock so a run that is just reusing the server wins the race."""
     from filelock import FileLock, Timeout
 
-    if _idle_for(files) < idle_s:
+    if idle_for(files) < idle_s:
         return False
     try:
         with FileLock(files.lock, timeout=0):
-            if _idle_for(files) < idle_s:
+            if idle_for(files) < idle_s:
                 return False
             remove_state_if(files, os.getpid())  # no new run finds it from here on
             return True

@@ -214,3 +214,44 @@ def test_local_server_off_keeps_prefects_ephemeral_mode(home: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "url=None, source='ephemeral'" in done.stdout
     assert not (home / "server.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_starting_at_once_start_one_server(home: Path) -> None:
+    script = (
+        "from shardeval.local_server import ensure_local_server, read_state, ServerFiles\n"
+        "from pathlib import Path\n"
+        "import sys\n"
+        "url = ensure_local_server(home=Path(sys.argv[1]))\n"
+        "print(url, read_state(ServerFiles(Path(sys.argv[1]))).pid)\n"
+    )
+    starters = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(home)],
+            env=cli_env(None),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    answers = []
+    for starter in starters:
+        out, err = starter.communicate(timeout=240)
+        assert starter.returncode == 0, err[-3000:]
+        answers.append(out.split())
+    assert answers[0] == answers[1], "both must use the one server"
+    processes = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    started_here = [
+        p
+        for p in processes
+        if b"shardeval.server_supervisor" in _cmdline(p) and str(home).encode() in _cmdline(p)
+    ]
+    assert len(started_here) == 1, "exactly one supervisor for this home"
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
