@@ -51,7 +51,7 @@ def stop() -> None:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
-    """Show the local server: URL, pids, uptime, idle time, log (``--json``: ``running``)."""
+    """Show the local server: URL, pids, uptime, idle time and log path."""
     found = _status()
     if as_json:
         print(json.dumps(found, indent=2, sort_keys=True))
