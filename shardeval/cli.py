@@ -180,7 +180,9 @@ def run(
         with spinner("Checking the endpoint...", enabled=not quiet and sys.stderr.isatty()):
             preflight(session.spec)
     show = not quiet and sys.stderr.isatty()
-    if runner_kind != "threads" and not has_prefect_server():
+    # Without PREFECT_API_URL, start_prefect gives the workers shardeval's local server.
+    local_off = os.environ.get("SHARDEVAL_LOCAL_SERVER", "").strip() == "0"
+    if runner_kind != "threads" and local_off and not has_prefect_server():
         err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
     _install_signal_handlers(session.spec.grace_period_s)
     progress = session.progress

@@ -4,6 +4,10 @@
 * ``prefect_api``: one real ``prefect server start`` per test session, for tests that start
   the CLI as a subprocess many times (each would otherwise start Prefect's temporary server).
 * ``run_cli``: runs ``python -m shardeval ...`` as a subprocess and returns the result.
+
+A CLI run without ``PREFECT_API_URL`` starts shardeval's local Prefect server in
+``SHARDEVAL_HOME``: the session points that at a temporary directory (so no test leaves a server
+running in the user's ``~/.shardeval``) and stops whatever was started there when it ends.
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.pop("PREFECT_API_URL", None)
+    os.environ["SHARDEVAL_HOME"] = tempfile.mkdtemp(prefix="shardeval-home-")
+    # A session killed before its teardown leaves at most a server that soon stops itself.
+    os.environ.setdefault("SHARDEVAL_SERVER_IDLE_S", "600")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_prefect_server() -> Iterator[None]:
+    """Stop the local Prefect server a default-mode CLI run started in the session's home."""
+    yield
+    from shardeval.local_server import stop_local_server
+
+    stop_local_server(Path(os.environ["SHARDEVAL_HOME"]))
 
 
 def free_port() -> int:
