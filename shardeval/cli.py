@@ -174,11 +174,9 @@ def run(
             found = compare_with_baseline(session.store, session.spec.name, baseline)
             _report_comparison(found.to_dict() if found else None, fail_on_regression)
         return
-    if not no_preflight:  # the lead moves this into the run session's prepare step
-        from shardeval.preflight import preflight
-
+    if not no_preflight:  # before Prefect starts: a wrong endpoint or key fails in seconds
         with spinner("Checking the endpoint...", enabled=not quiet and sys.stderr.isatty()):
-            preflight(session.spec)
+            session.preflight()
     show = not quiet and sys.stderr.isatty()
     # Without PREFECT_API_URL, start_prefect gives the workers shardeval's local server.
     local_off = os.environ.get("SHARDEVAL_LOCAL_SERVER", "").strip() == "0"

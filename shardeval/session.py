@@ -175,6 +175,16 @@ class RunSession:
         assert isinstance(summary, dict)
         return summary
 
+    def preflight(self) -> None:
+        """Prove every endpoint the run calls answers, with this model and key (exit 2 if not).
+
+        Called before any batch: by the CLI and ``shardeval.run`` before Prefect starts, and by
+        the flow's prepare task for a deployment run (docs/cli.md, the preflight).
+        """
+        from shardeval.preflight import preflight
+
+        preflight(self.spec)
+
     # ----------------------------------------------------------------- attempt
     @contextmanager
     def lease(self, *, wait: bool = False) -> Iterator[None]:
