@@ -109,10 +109,10 @@ def evaluate(
     started_at = datetime.now(UTC)
     lock = RunLock(store)
     with interrupt.graceful_signal(
-        signal.SIGTERM, eval_spec.grace_period_s, defer=prefect_runner_signalled
+        signal.SIGTERM, eval_spec.grace_period_s, run_id, defer=prefect_runner_signalled
     ):
-        lock.acquire(wait=wait)
         try:
+            lock.acquire(wait=wait)
             # Survey first: it compares the plan with the previous attempt's plan.parquet, which
             # record_attempt then replaces.
             found = survey(store, validated.plan, retry_failed=retry_failed)
@@ -162,6 +162,7 @@ def evaluate(
         finally:
             lock.release()
             close_engines(run_id)
+            interrupt.forget(run_id)  # the next run of this id in this process starts clean
 
 
 def prefect_runner_signalled() -> bool:

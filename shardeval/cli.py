@@ -118,8 +118,9 @@ def run(
         if not has_prefect_server():
             err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
         flow_fn = evaluate.with_options(task_runner=make_task_runner(runner_kind, dask_address))
+    _route_prefect_logs(store, verbose)
     _start_prefect(show)
-    _install_signal_handlers(eval_spec.grace_period_s)
+    _install_signal_handlers(chosen, eval_spec.grace_period_s)
     with live_progress(progress, enabled=not quiet):
         summary = flow_fn(
             spec=eval_spec.source or eval_spec.model_dump(),
@@ -299,25 +300,88 @@ def _start_prefect(show: bool) -> None:
         client.api_healthcheck()
 
 
-def _install_signal_handlers(grace_period_s: float) -> None:
-    """Make Ctrl-C/SIGTERM stop gracefully.
+def _install_signal_handlers(run_id: str, grace_period_s: float) -> None:
+    """Make Ctrl-C/SIGTERM (to this process or its whole group) stop ``run_id`` gracefully.
 
     The first signal stops sending, lets requests in flight finish, saves and exits 130;
-    a second one exits at once (every file is written atomically, so nothing is corrupted).
+    a second one (or one after the run already stopped for another reason) exits at once:
+    every file is written atomically, so nothing is corrupted, and the lease expires by
+    itself. Dask workers of a local cluster get the group's signal too, and stop the same
+    way with the same grace period (:func:`shardeval.interrupt.handle_signals_in_dask_worker`).
     """
+    os.environ[interrupt.GRACE_ENV] = f"{grace_period_s:g}"
 
     def handler(signum: int, frame: Any) -> None:
-        if interrupt.stop_requested():
+        if interrupt.stop_for(run_id).requested or interrupt.any_requested():
             err_console.print("[red]stopping now[/]")
+            _print_log_location()
             os._exit(EXIT_INTERRUPTED)
         err_console.print(
             f"[yellow]stopping: no new requests; {grace_period_s:g}s for those in flight, "
             "then saving (press Ctrl-C again to stop at once)[/]"
         )
-        interrupt.request_stop(grace_period_s)
+        message = "stopped by a signal"
+        interrupt.stop_run(run_id, "interrupted", message, grace_period_s=grace_period_s)
+        interrupt.stop_active("interrupted", message, grace_period_s=grace_period_s)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+_prefect_log: Path | None = None
+"""Where Prefect's log lines went (see :func:`_route_prefect_logs`), to say so at the end."""
+
+
+def _route_prefect_logs(store: Any, verbose: bool) -> None:
+    """Send Prefect's (and Dask's) log lines to a file instead of the console.
+
+    Their tracebacks and ERROR lines (an API hiccup, a task crash report, an events worker
+    retrying) are not for the person at the terminal: the run's own outcome is printed once,
+    cleanly, by :func:`main`. They go to ``prefect.log`` in the run directory (local
+    output), else to ``shardeval-logs/<run id>.log`` in the temp directory; the final
+    message says where. ``--verbose`` keeps them on the console. Call after Prefect is
+    imported (its import configures logging); its flow-run logs still reach the API and UI.
+    """
+    global _prefect_log
+    if verbose:
+        return
+    import tempfile
+
+    candidates = [Path(store.path("prefect.log"))] if store.is_local else []
+    candidates.append(Path(tempfile.gettempdir()) / "shardeval-logs" / f"{store.run_id}.log")
+    file_handler: logging.Handler | None = None
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file_handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError:  # a full or read-only output: the temp directory will do
+            continue
+        _prefect_log = path
+        break
+    logging.raiseExceptions = False  # a failing log write (a full disk) must not print either
+    if file_handler is None:
+        file_handler = logging.NullHandler()
+    file_handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)-7s %(threadName)s %(name)s - %(message)s")
+    )
+    for name in (None, "prefect._internal", "uvicorn", "fastapi"):
+        logger = logging.getLogger(name)
+        consoles = [h for h in logger.handlers if _is_console(h)]
+        for handler in consoles:
+            logger.removeHandler(handler)
+        if consoles:
+            logger.addHandler(file_handler)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(
+        handler, logging.FileHandler
+    )
+
+
+def _print_log_location() -> None:
+    if _prefect_log is not None and _prefect_log.exists() and _prefect_log.stat().st_size:
+        err_console.print(f"[dim]Prefect's log: {_escape(str(_prefect_log))}[/]")
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -343,6 +407,7 @@ def main() -> None:
         app(standalone_mode=False)
     except ShardevalError as exc:
         err_console.print(f"[bold red]error[/]: {_escape(str(exc))}")
+        _print_log_location()
         if isinstance(exc, RunInterrupted):
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(exc.exit_code)

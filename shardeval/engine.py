@@ -120,8 +120,10 @@ class _Slots:
 class Engine:
     """Sends requests for one run through one provider, at most ``concurrency`` at a time."""
 
-    def __init__(self, model: ModelSpec) -> None:
+    def __init__(self, model: ModelSpec, run_id: str = "") -> None:
         self.model = model
+        self.run_id = run_id
+        """Whose stop (:func:`shardeval.interrupt.stop_for`) ends this engine's requests."""
         self._limit_mode = prefect_limit_mode(model)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -194,12 +196,13 @@ class Engine:
         try:
             async for attempt in retrying:
                 with attempt:
-                    if interrupt.stop_requested():
+                    if self.stopping():
                         return Outcome(key=request.key, status="cancelled", attempts=attempts)
                     await self._respect_pause()
                     await self._slots.acquire(priority)
                     try:
-                        if interrupt.stop_requested():
+                        await self._wait_for_lease()
+                        if self.stopping():
                             return Outcome(key=request.key, status="cancelled", attempts=attempts)
                         async with self._global_slot():
                             attempts += 1
@@ -273,11 +276,29 @@ class Engine:
         if delay > 0:
             await asyncio.sleep(delay)
 
+    def stopping(self) -> bool:
+        """Whether the run was asked to stop: no new request (nor retry) is sent then.
+
+        Looked up at every request rather than held: a run's stop is forgotten when the run
+        ends, and an engine that outlives it (a Dask worker's) serves the next run clean.
+        """
+        return interrupt.stop_for(self.run_id).requested
+
+    async def _wait_for_lease(self) -> None:
+        """Hold a request while the run's lease may have been taken over (see locking.py).
+
+        The heartbeat either renews the lease (the request goes) or finds it lost and stops
+        the run (the request is cancelled): either way nothing is paid twice.
+        """
+        stop = interrupt.stop_for(self.run_id)
+        while not stop.lease_current() and not stop.requested:
+            await asyncio.sleep(0.05)
+
     async def _watch_interrupt(self) -> None:
         """After a stop's grace period, abandon the requests still in flight."""
         while True:
             await asyncio.sleep(0.1)
-            if interrupt.grace_expired():
+            if self._inflight and interrupt.stop_for(self.run_id).grace_expired():
                 for task in list(self._inflight):
                     task.cancel()
 
@@ -321,8 +342,9 @@ def engine_for(run_id: str, model: ModelSpec) -> Engine:
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = Engine(model)
-        return engine
+            engine = _engines[key] = Engine(model, run_id)
+    interrupt.handle_signals_in_dask_worker()
+    return engine
 
 
 def close_engines(run_id: str | None = None) -> None:
