@@ -387,8 +387,10 @@ def _print_log_location() -> None:
 def _configure_logging(verbose: bool) -> None:
     # Prefect's INFO lines would tear through the progress bar; they still reach the API/UI.
     # A user error is printed once, cleanly, by main(); Prefect would add a traceback.
+    # Set, not defaulted: the processes this one starts (Dask workers) inherit it, and their
+    # console is the user's terminal; without --verbose, Prefect's lines go to the log file.
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
     # This tool never needs to phone home, and many eval machines have no route out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A loaded 2-core machine can take longer than Prefect's default 20 s to start its server.

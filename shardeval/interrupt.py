@@ -115,7 +115,9 @@ class RunStop:
         if self.reason == "storage_failed":
             return StorageError(text, hint=f"free space or fix the output, then {RESUME_HINT}")
         if self.reason == "lease_lost":
-            return RunLockedError(text, hint=hint)
+            return RunLockedError(
+                text, hint=f"the other process carries the run on; if it stops, {RESUME_HINT}"
+            )
         return RunIncomplete(text, hint=hint)
 
 
