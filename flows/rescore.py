@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow
 
 from flows.stages import run_judges
+from shardeval import interrupt
 from shardeval.engine import close_engines
 from shardeval.errors import RunIncomplete
 from shardeval.locking import RunLock
@@ -51,3 +52,4 @@ def rescore(
     finally:
         lock.release()
         close_engines(run_id)
+        interrupt.forget(run_id)  # a stop of this attempt does not outlive it

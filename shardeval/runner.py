@@ -374,6 +374,8 @@ class _PartFlusher:
             self.flush_soon()
 
     def due(self) -> bool:
+        if self._failed is not None:  # writes fail: flush() retries them at the batch's end
+            return False
         return bool(self.buffer) and time.monotonic() - self.last_flush >= self.work.flush_every_s
 
     def flush_soon(self) -> None:
@@ -400,7 +402,7 @@ class _PartFlusher:
                 self.note_failure(exc)
                 if delay is None:
                     raise
-                logger.warning("%s: retrying the write in %gs", self.work.label, delay)
+                logger.info("%s: retrying the write in %gs", self.work.label, delay)
                 time.sleep(delay)
         with self._lock:
             self._failed = None
@@ -454,7 +456,8 @@ class _PartFlusher:
         with self._lock:
             self._failed = exc
         text = exc.message if isinstance(exc, ShardevalError) else f"{type(exc).__name__}: {exc}"
-        logger.warning("could not flush %s: %s", self.work.label, text)
+        # stop_run says it once for the run; every batch's failure is logged for --verbose.
+        logger.info("could not flush %s: %s", self.work.label, text)
         interrupt.stop_run(self.work.run_id, "storage_failed", text, grace_period_s=STORAGE_GRACE_S)
 
     def take(self) -> list[Outcome]:

@@ -4,8 +4,11 @@ Two real ``shardeval run`` processes on one run on SeaweedFS, with a 3 s lease. 
 frozen (SIGSTOP: a paused VM, a laptop lid, a network partition) until its lease expires; the
 second takes the run over; then the first is thawed. It must send nothing more, keep what it
 had finished, and exit 1 naming the host and pid that took the run; the second completes.
-The model server must have answered each prompt once, beyond the requests that were in
-flight in the first process when it froze (their answers arrived while it could not store them).
+The model server must have answered each prompt once, beyond what the first process could
+not have stored when it froze: the requests it had in flight (their answers arrived while it
+was frozen) and its unflushed window of finished answers (it writes them as parts once
+thawed, but the second process had sent them again by then). A frozen process is a killed
+one for as long as it is frozen.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ pytestmark = pytest.mark.slow
 
 N_ITEMS = 600
 LEASE_S = 3.0
+FLUSH_WINDOW = 16
+"""``flush_every_items`` (the default): finished answers a process may hold unwritten."""
 
 
 def lease_record(fs: Any, pattern: str) -> dict[str, Any] | None:
@@ -104,4 +109,7 @@ def test_lost_lease_stops_the_old_holder_and_names_the_new_one(
         assert second.wait(timeout=300) == 0, output_of(second_logs)
         stats = server.stats()
         assert len(stats["prompt_completions"]) == N_ITEMS
-        assert answered_twice(server) <= CONCURRENCY, "the old holder kept sending"
+        again = answered_twice(server)
+        assert again <= CONCURRENCY + FLUSH_WINDOW, (
+            f"{again} paid twice: the old holder kept sending"
+        )

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from shardeval.testing.server import TestServer
+from shardeval.testing.server import ServerConfig, TestServer
 from tests.crash.harness import crash_spec, output_of, start_run, stderr_of, wait_for_answers
 from tests.s3.servers import MotoBackend
 
@@ -33,6 +34,14 @@ def delete_bucket(fs: object, bucket: str, timeout: float = 30) -> None:
         if not fs.exists(bucket):  # type: ignore[attr-defined]
             return
     raise AssertionError(f"could not delete bucket {bucket} within {timeout:g}s")
+
+
+@pytest.fixture
+def slow_server() -> Iterator[TestServer]:
+    """The test server in its own process, 20-50 ms per answer."""
+    config = ServerConfig(latency_min=0.02, latency_max=0.05)
+    with TestServer.start_subprocess(config) as server:
+        yield server
 
 
 def test_bucket_deleted_mid_run(
