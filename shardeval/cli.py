@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -310,16 +311,24 @@ def _install_signal_handlers(run_id: str, grace_period_s: float) -> None:
     way with the same grace period (:func:`shardeval.interrupt.handle_signals_in_dask_worker`).
     """
     os.environ[interrupt.GRACE_ENV] = f"{grace_period_s:g}"
+    signalled = threading.Event()  # this process's, not the run's: the run's stop is
+    # forgotten when its flow unwinds, and Prefect then hands a second SIGTERM back here.
+
+    def stop_now() -> None:
+        err_console.print("[red]stopping now[/]")
+        _print_log_location()
+        os._exit(EXIT_INTERRUPTED)
+
+    interrupt.on_second_signal(stop_now)  # the flow's own SIGTERM handler calls it
 
     def handler(signum: int, frame: Any) -> None:
-        if interrupt.stop_for(run_id).requested or interrupt.any_requested():
-            err_console.print("[red]stopping now[/]")
-            _print_log_location()
-            os._exit(EXIT_INTERRUPTED)
+        if signalled.is_set() or interrupt.any_requested():
+            stop_now()
         err_console.print(
             f"[yellow]stopping: no new requests; {grace_period_s:g}s for those in flight, "
             "then saving (press Ctrl-C again to stop at once)[/]"
         )
+        signalled.set()
         message = "stopped by a signal"
         interrupt.stop_run(run_id, "interrupted", message, grace_period_s=grace_period_s)
         interrupt.stop_active("interrupted", message, grace_period_s=grace_period_s)

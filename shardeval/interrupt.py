@@ -200,7 +200,12 @@ def graceful_signal(
         previous = None
 
     def handler(number: int, frame: Any) -> None:
-        if stop_for(run_id).requested or (defer is not None and defer()):
+        if defer is not None and defer():
+            _call_previous(previous, number, frame)
+            return
+        if stop_for(run_id).requested:
+            if _second_signal is not None:
+                _second_signal()  # the CLI: exit 130 now (Prefect's handler would crash the run)
             _call_previous(previous, number, frame)
             return
         logger.warning(
@@ -219,6 +224,19 @@ def graceful_signal(
         yield
     finally:
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+
+_second_signal: Callable[[], None] | None = None
+
+
+def on_second_signal(action: Callable[[], None] | None) -> None:
+    """What a second signal does inside :func:`graceful_signal` (the CLI: exit 130 at once).
+
+    Without it the previous handler runs: under a flow run that is Prefect's, which crashes
+    the flow run; a program that owns the process wants to end it instead.
+    """
+    global _second_signal
+    _second_signal = action
 
 
 GRACE_ENV = "SHARDEVAL_GRACE_PERIOD_S"

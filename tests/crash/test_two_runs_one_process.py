@@ -31,6 +31,10 @@ def use_server(prefect_api: str) -> Iterator[str]:
 
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         yield prefect_api
+        # Send the flow runs' logs now, while the server is still up.
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
 
 
 def stop_when_answered(server: TestServer, run_id: str, answers: int) -> threading.Thread:
