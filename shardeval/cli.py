@@ -222,6 +222,7 @@ def rescore(
     show = not quiet and sys.stderr.isatty()
     with spinner("Loading Prefect...", enabled=show):
         from flows.rescore import rescore as rescore_flow
+    _route_prefect_logs(job.store, verbose)
     _start_prefect(show)
     summary = rescore_flow(run_id=run_id, spec=source, output=output, wait=wait)
     print_summary(
