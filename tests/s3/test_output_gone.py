@@ -45,9 +45,15 @@ def slow_server() -> Iterator[TestServer]:
 
 
 def test_bucket_deleted_mid_run(
-    tmp_path: Path, prefect_api: str, moto_s3: MotoBackend, slow_server: TestServer
+    tmp_path: Path,
+    prefect_api: str,
+    moto_s3: MotoBackend,
+    slow_server: TestServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     moto_s3.ensure_up()
+    for name, value in moto_s3.env().items():  # this process's own client (no metadata service)
+        monkeypatch.setenv(name, value)
     bucket = moto_s3.make_bucket()
     spec = crash_spec(tmp_path / "eval", slow_server, n_items=N_ITEMS, output=f"s3://{bucket}/e")
     logs = tmp_path / "logs"
