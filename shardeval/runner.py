@@ -44,6 +44,7 @@ from shardeval.errors import (
     StorageError,
     TransientProviderError,
 )
+from shardeval.objectstore import describe_error
 from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress, progress_for
 from shardeval.providers.base import ProviderRequest
@@ -194,7 +195,7 @@ def run_batch(
         store.write_table(store.batch_path(work.key), table)
     except BaseException as exc:
         if isinstance(exc, Exception):
-            flusher.note_failure(exc)
+            flusher.note_failure(exc, store.batch_path(work.key))
         flusher.restore(unflushed)
         with contextlib.suppress(Exception):  # the commit's error is the one to report
             flusher.flush()
@@ -399,7 +400,7 @@ class _PartFlusher:
                 self.write(*cut)
                 break
             except Exception as exc:
-                self.note_failure(exc)
+                self.note_failure(exc, cut[0])
                 if delay is None:
                     raise
                 logger.info("%s: retrying the write in %gs", self.work.label, delay)
@@ -443,9 +444,9 @@ class _PartFlusher:
         try:
             self.write(path, rows)
         except Exception as exc:
-            self.note_failure(exc)
+            self.note_failure(exc, path)
 
-    def note_failure(self, exc: BaseException) -> None:
+    def note_failure(self, exc: BaseException, path: str = "") -> None:
         """A write failed: stop the run's requests at once; the rows stay in memory.
 
         Every answer that arrives after the store stopped taking writes is paid for and can
@@ -455,7 +456,11 @@ class _PartFlusher:
         """
         with self._lock:
             self._failed = exc
-        text = exc.message if isinstance(exc, ShardevalError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ShardevalError):
+            text = exc.message
+        else:  # e.g. FileNotFoundError of a vanished bucket, which the store passes through
+            where = f" {self.store.url_of(path)}" if path else ""
+            text = f"storage failed to write{where}: {describe_error(exc)}"
         # stop_run says it once for the run; every batch's failure is logged for --verbose.
         logger.info("could not flush %s: %s", self.work.label, text)
         interrupt.stop_run(self.work.run_id, "storage_failed", text, grace_period_s=STORAGE_GRACE_S)
