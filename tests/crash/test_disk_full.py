@@ -93,6 +93,7 @@ def test_disk_full_stops_sending_and_the_same_command_completes(
         stats = server.stats()
         assert len(stats["prompt_completions"]) == N_ITEMS
         lost = answered_twice(server)
+        print(f"disk full: {sent} answers before the stop, {lost} of them lost")  # for -s
         assert lost <= CONCURRENCY + FLUSH_WINDOW, (
             f"{lost} paid answers lost (sent {sent} before the disk filled up)"
         )
