@@ -45,8 +45,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shardeval.overrides import resolve_spec  # noqa: E402
-from shardeval.session import choose_run_id, validate  # noqa: E402
+from shardeval.session import RunSession  # noqa: E402
 from shardeval.storage import RunStore  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer, prompt_key  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
@@ -65,15 +64,13 @@ def prefect_server(home: Path) -> Iterator[str]:
 
 def prompt_keys_by_item(spec_path: Path) -> tuple[RunStore, dict[str, str]]:
     """The run's store, and item key → the server's prompt key for every request."""
-    spec = resolve_spec(str(spec_path))
-    validated = validate(spec)
-    run_id = choose_run_id(spec, None, fresh=False)
-    plan = validated.plan
+    session = RunSession.prepare(str(spec_path))
+    plan = session.plan
     mapping = {}
     for batch in plan.batches:
         for request in plan.requests(batch):
             mapping[request.key] = prompt_key(request.messages)
-    return RunStore(spec.output, run_id), mapping
+    return session.store, mapping
 
 
 def stored_keys(store: RunStore) -> set[str]:

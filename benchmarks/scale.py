@@ -130,37 +130,25 @@ def run_baseline(spec_path: str, output: str) -> None:
     """Validate, plan, run every batch in 8 threads, finalize: what the flow does, minus Prefect."""
     import concurrent.futures
     import resource
-    from datetime import UTC, datetime
 
-    from flows.evaluate import batch_works
-    from shardeval.engine import close_engines, engine_for
-    from shardeval.finalize import finalize
-    from shardeval.overrides import resolve_spec
-    from shardeval.progress import progress_for
-    from shardeval.runner import RunRef, run_batch
-    from shardeval.session import choose_run_id, record_attempt, survey, validate
-    from shardeval.storage import RunStore
+    from shardeval.engine import engine_for
+    from shardeval.runner import run_batch
+    from shardeval.session import RunSession
 
     started = time.monotonic()
-    spec = resolve_spec(spec_path)
-    validated = validate(spec)
-    run_id = choose_run_id(spec, None, fresh=False)
-    store = RunStore(output, run_id)
-    found = survey(store, validated.plan)
-    record_attempt(store, validated, run_id)
-    run = RunRef(run_id=run_id, output=store.output, model=spec.model)
-    engine = engine_for(run_id, spec.model)
-    progress = progress_for(run_id)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [
-            pool.submit(run_batch, store, work, engine, progress)
-            for work, _ in batch_works(validated, found, run, False)
-        ]
-        for future in futures:
-            future.result()
-    now = datetime.now(UTC)
-    finalize(store, validated.plan, validated.metrics, started_at=now, finished_at=now)
-    close_engines(run_id)
+    # The run session without Prefect: the same steps the evaluate flow composes as tasks.
+    session = RunSession.prepare(spec_path, output=output)
+    with session.attempt(), concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for stage in session.stages():
+            run = stage.run
+            engine = engine_for(run.run_id, run.model)
+            futures = [
+                pool.submit(run_batch, run.store(), work, engine, run.progress())
+                for work, _ in stage.works
+            ]
+            for future in futures:
+                future.result()
+        session.finalize()
     duration = time.monotonic() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"duration_s": duration, "peak_rss_mib": peak}))

@@ -1,9 +1,8 @@
-"""Flow building blocks shared by ``evaluate`` and ``rescore``: composition, no logic of its own.
+"""Running a stage's batch tasks, shared by ``evaluate`` and ``rescore``.
 
-* :func:`submit_batches` hands batch tasks to the task runner, at most a window at a time,
-  and keeps the flow run's progress artifact current as they finish.
-* :func:`run_judges` sends an ``llm_judge`` metric's judgements through the same batch tasks
-  (cached, flushed and resumed exactly like generations) and loads them into the metric.
+:func:`submit_batches` hands a stage's batch tasks to the task runner, at most a window at a
+time, and keeps the flow run's progress artifact current as they finish. What the batches are,
+and whether a Prefect cache record may be trusted, is the run session's answer.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from typing import Any
 
 from prefect import get_run_logger
@@ -23,15 +20,8 @@ from prefect.task_runners import TaskRunner
 
 from shardeval import interrupt
 from shardeval.errors import RunInterrupted, StorageError
-from shardeval.hashing import batch_key
-from shardeval.metrics import Metric
-from shardeval.metrics.judge import Judgement, JudgeScorer, judge_requests
-from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress
-from shardeval.results import conform
-from shardeval.runner import BatchWork, RunRef
-from shardeval.session import Validated, reuse_map, stored_elsewhere
-from shardeval.storage import RunStore
+from shardeval.session import Stage
 from tasks.aggregate import artifact_key
 from tasks.batch import PROCESS, batch_task_for
 
@@ -43,14 +33,13 @@ logger = logging.getLogger("shardeval.flows")
 
 
 def submit_batches(
-    works: Iterable[tuple[BatchWork, bool]],
-    run: RunRef,
+    stage: Stage,
     progress: RunProgress,
     *,
     window: int = DEFAULT_WINDOW,
     runner: TaskRunner[Any] | None = None,
 ) -> list[str]:
-    """Run ``(work, stale)`` batches; return descriptions of the batches that failed.
+    """Run a stage's ``(work, stale)`` batches; return descriptions of those that failed.
 
     ``stale`` batches are submitted with ``refresh_cache=True``: Prefect's record only stands
     when the committed Parquet does (see tasks/batch.py). The window bounds memory (a batch's
@@ -58,6 +47,7 @@ def submit_batches(
     when given (a Dask runner opened by the flow for a ``task_runner: dask`` parameter), else
     to the flow's own task runner.
     """
+    run = stage.run
     batch_task = batch_task_for(run)
     refresh = batch_task.with_options(refresh_cache=True)
     report = _progress_artifact(progress)
@@ -66,7 +56,7 @@ def submit_batches(
     failures: list[str] = []
     inflight = 0
     stop = interrupt.stop_for(run.run_id)
-    for work, stale in works:
+    for work, stale in stage.works:
         while inflight >= window:
             inflight -= _collect(finished.get(), labels, failures, progress)
             report.update(len(failures))
@@ -201,117 +191,3 @@ def _progress_artifact(progress: RunProgress) -> _ProgressArtifact:
     if key not in _artifacts:
         _artifacts[key] = _ProgressArtifact(progress)
     return _artifacts[key]
-
-
-def judge_run_id(run_id: str, metric: Metric) -> str:
-    """Judgements live inside the run: ``<run>/judges/<metric name>``."""
-    return f"{run_id}/judges/{metric.name}"
-
-
-def run_judges(
-    store: RunStore,
-    validated: Validated,
-    progress: RunProgress,
-    *,
-    window: int = DEFAULT_WINDOW,
-    runner: TaskRunner[Any] | None = None,
-) -> list[str]:
-    """Send every ``llm_judge`` metric's judgements; load them into the metrics' scorers."""
-    failures: list[str] = []
-    for metric in validated.metrics:
-        scorer = metric.scorer
-        if not isinstance(scorer, JudgeScorer):
-            continue
-        progress.set_phase(f"judging ({metric.name})")
-        requests = judge_requests(scorer, list(_ok_rows(store, validated)))
-        judge_ref = RunRef(
-            run_id=judge_run_id(store.run_id, metric),
-            output=store.output,
-            model=scorer.model,
-            progress_id=progress.run_id,
-        )
-        judge_store = judge_ref.store()
-        committed = judge_store.list_batches()
-        parts = judge_store.list_parts()
-        spec = validated.spec
-        works = list(_judge_batches(judge_ref.run_id, requests, spec.batch_size, spec))
-        # Judgements stored under another batching (a batch size or dataset edit) are reused
-        # item by item, exactly like the run's own responses.
-        index = stored_elsewhere(judge_store, {w.key for w in works}, committed, parts)
-        works = [
-            replace(
-                w,
-                reuse=reuse_map([r.key for r in w.requests], index),
-                nothing_stored=w.key not in parts,
-            )
-            if w.key not in committed
-            else w
-            for w in works
-        ]
-        progress.plan(progress.total + len(requests), progress.batches_total + len(works), 0)
-        failures += submit_batches(
-            ((w, w.key not in committed) for w in works),
-            judge_ref,
-            progress,
-            window=window,
-            runner=runner,
-        )
-        scorer.book = _load_judgements(judge_store, [w.key for w in works])
-        judge_store.tidy()
-    return failures
-
-
-def _ok_rows(store: RunStore, validated: Validated) -> Iterator[tuple[str, str, int, str, Any]]:
-    """(item_id, item_key, item_index, response, item) of every ok row, in plan order."""
-    plan = validated.plan
-    paths = [store.batch_path(batch.key) for batch in plan.batches]
-    for batch, stored in zip(plan.batches, store.read_tables(paths), strict=True):
-        if stored is None:
-            continue
-        stored = conform(stored)
-        by_key = {
-            k: (s, r)
-            for k, s, r in zip(
-                stored.column("item_key").to_pylist(),
-                stored.column("status").to_pylist(),
-                stored.column("response").to_pylist(),
-                strict=True,
-            )
-        }
-        rows = plan.rows.slice(batch.start, batch.stop - batch.start).to_pydict()
-        first = rows["item_index"][0]
-        items = plan.dataset.items(first, rows["item_index"][-1] + 1)
-        for item_id, key, index in zip(
-            rows["item_id"], rows["item_key"], rows["item_index"], strict=True
-        ):
-            status, response = by_key.get(key, (None, None))
-            if status == "ok":
-                yield item_id, key, index, response or "", items[index - first]
-
-
-def _judge_batches(
-    run_id: str, requests: list[PlannedRequest], size: int, spec: Any
-) -> Iterator[BatchWork]:
-    total = (len(requests) + size - 1) // size
-    for number, start in enumerate(range(0, len(requests), size), start=1):
-        chunk = requests[start : start + size]
-        yield BatchWork(
-            run_id=run_id,
-            number=number,
-            total=total,
-            key=batch_key(r.key for r in chunk),
-            requests=chunk,
-            flush_every_s=spec.flush_every_s,
-            flush_every_items=spec.flush_every_items,
-        )
-
-
-def _load_judgements(store: RunStore, keys: list[str]) -> dict[str, Judgement]:
-    book: dict[str, Judgement] = {}
-    paths = [store.batch_path(key) for key in keys]
-    for table in store.read_tables(paths, columns=["item_key", "status", "response", "error"]):
-        if table is None:
-            continue
-        for row in table.to_pylist():
-            book[row["item_key"]] = Judgement(row["status"], row["response"], row["error"])
-    return book

@@ -1,10 +1,13 @@
 """shardeval: resumable, content-addressed LLM evaluation pipelines on Prefect.
 
 The library never imports Prefect at import time: ``shardeval validate`` and a fully cached
-``shardeval run`` answer in about a second, without Prefect's start-up cost.
+``shardeval run`` answer without Prefect's start-up cost. The Python API (``run``,
+``open_run``, ``rescore``, ``Run``) is loaded on first use, so ``import shardeval`` stays light.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -23,6 +26,11 @@ from shardeval.errors import (
 )
 from shardeval.spec import EvalSpec, load_spec
 
+if TYPE_CHECKING:
+    from shardeval.api import Run, compare, open_run, rescore, run
+
+_API = ("Run", "compare", "open_run", "rescore", "run")
+
 __all__ = [
     "DatasetError",
     "EvalSpec",
@@ -30,6 +38,7 @@ __all__ = [
     "PermanentProviderError",
     "PromptError",
     "ProviderError",
+    "Run",
     "RunInterrupted",
     "RunLockedError",
     "ShardevalError",
@@ -37,5 +46,18 @@ __all__ = [
     "StorageError",
     "TransientProviderError",
     "__version__",
+    "compare",
     "load_spec",
+    "open_run",
+    "rescore",
+    "run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The Python API, imported when first used (it pulls in storage and pandas)."""
+    if name in _API:
+        from shardeval import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'shardeval' has no attribute {name!r}")

@@ -26,9 +26,8 @@ from rich.logging import RichHandler
 
 from shardeval import interrupt
 from shardeval.display import err_console, live_progress, out_console, print_summary, spinner
-from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError
+from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError, SpecError
 from shardeval.overrides import resolve_spec
-from shardeval.progress import progress_for
 
 try:  # typer >= 0.29 vendors click: its usage errors are not click's own exception classes
     from typer._click.exceptions import ClickException as _TyperClickException
@@ -92,56 +91,103 @@ def run(
             "(default: a local cluster of SHARDEVAL_DASK_WORKERS processes).",
         ),
     ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            help="When complete, compare with previous (the latest complete earlier run of "
+            "this eval), tag:NAME or a run id; stored as comparison.json.",
+        ),
+    ] = None,
+    fail_on_regression: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-regression", help="With --baseline: exit 3 on a significant regression."
+        ),
+    ] = False,
 ) -> None:
     """Run an eval (or resume it: the same command continues where it stopped)."""
     started = time.monotonic()
     _configure_logging(verbose)
-    from shardeval.session import choose_run_id, validate_cached
-    from shardeval.storage import RunStore
-    from shardeval.taskrunners import check_task_runner
+    from shardeval.launch import run_evaluate
+    from shardeval.session import RunSession
+    from shardeval.taskrunners import NO_SERVER_WARNING, check_task_runner, has_prefect_server
 
     runner_kind = check_task_runner(task_runner, dask_address)
+    if fail_on_regression and not baseline:
+        raise SpecError("--fail-on-regression needs --baseline", hint="add --baseline previous")
+    if baseline:
+        from shardeval.baseline import check_selector
 
-    eval_spec = resolve_spec(_spec_source(spec), batch_size=batch_size, concurrency=concurrency)
-    validated = validate_cached(eval_spec, limit=limit, remember=True)
-    chosen = choose_run_id(eval_spec, run_id, fresh=fresh)
-    store = RunStore(output or eval_spec.output, chosen)
-    if not retry_failed and _answer_from_storage(store, validated, started):
+        check_selector(baseline)
+    session = RunSession.prepare(
+        _spec_source(spec),
+        output=output,
+        run_id=run_id,
+        fresh=fresh,
+        retry_failed=retry_failed,
+        limit=limit,
+        batch_size=batch_size,
+        concurrency=concurrency,
+    )
+    if session.new_run_reason:
+        err_console.print(f"[yellow]{_escape(session.new_run_reason)}[/]")
+    stored = session.answer_from_storage()
+    if stored is not None:
+        err_console.print(
+            f"[dim]run {session.run_id} is complete and current: answered from storage[/]"
+        )
+        print_summary(
+            stored,
+            wall_s=time.monotonic() - started,
+            sent=0,
+            from_cache=stored["n_rows"],
+            results_dir=session.store.url(),
+        )
+        if baseline:
+            from shardeval.baseline import compare_with_baseline
+
+            found = compare_with_baseline(session.store, session.spec.name, baseline)
+            _report_comparison(found.to_dict() if found else None, fail_on_regression)
         return
     show = not quiet and sys.stderr.isatty()
-    progress = progress_for(chosen)
+    if runner_kind != "threads" and not has_prefect_server():
+        err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
+    _install_signal_handlers(session.run_id, session.spec.grace_period_s)
     with spinner("Loading Prefect...", enabled=show):
-        from flows.evaluate import evaluate
-    flow_fn = evaluate
-    if runner_kind != "threads":
-        from shardeval.taskrunners import NO_SERVER_WARNING, has_prefect_server, make_task_runner
-
-        if not has_prefect_server():
-            err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
-        flow_fn = evaluate.with_options(task_runner=make_task_runner(runner_kind, dask_address))
-    _route_prefect_logs(store, verbose)
-    _start_prefect(show)
-    _install_signal_handlers(chosen, eval_spec.grace_period_s)
+        import prefect  # noqa: F401  (its import configures logging, redirected next)
+    _route_prefect_logs(session.store, verbose)
+    progress = session.progress
     with live_progress(progress, enabled=not quiet):
-        summary = flow_fn(
-            spec=eval_spec.source or eval_spec.model_dump(),
-            output=store.output,
-            run_id=chosen,
-            retry_failed=retry_failed,
-            limit=limit,
-            batch_size=batch_size,
-            concurrency=concurrency,
+        summary = run_evaluate(
+            session,
             wait=wait,
             task_runner=runner_kind,
             dask_address=dask_address,
+            baseline=baseline,
+            show=show,
         )
     print_summary(
         summary,
         wall_s=time.monotonic() - started,
         sent=progress.sent,
         from_cache=progress.from_cache,
-        results_dir=store.url(),
+        results_dir=session.store.url(),
     )
+    if baseline:
+        _report_comparison(summary.get("comparison"), fail_on_regression)
+
+
+def _report_comparison(comparison: dict[str, Any] | None, fail_on_regression: bool) -> None:
+    """Print the run's comparison with its baseline; exit 3 on a regression if asked."""
+    from shardeval.commands.compare import gate, print_comparison_dict
+
+    if comparison is None:
+        err_console.print("[dim]no baseline yet: nothing to compare with[/]")
+        return
+    print_comparison_dict(comparison)
+    if fail_on_regression:
+        gate(comparison)
 
 
 @app.command()
@@ -151,7 +197,7 @@ def validate(
 ) -> None:
     """Check a spec and its dataset (prompts, metrics, provider) without calling the model."""
     from shardeval.hashing import default_run_id
-    from shardeval.session import validate as validate_spec
+    from shardeval.validation import validate as validate_spec
 
     eval_spec = resolve_spec(_spec_source(spec))
     checked = validate_spec(eval_spec, limit=limit)
@@ -210,6 +256,7 @@ def rescore(
     """Apply metrics to a run's stored responses: new results and metrics, no model call."""
     started = time.monotonic()
     _configure_logging(verbose)
+    from shardeval.launch import start_prefect
     from shardeval.rescore import prepare_rescore
 
     source = _spec_source(spec) if spec else None
@@ -223,7 +270,7 @@ def rescore(
     with spinner("Loading Prefect...", enabled=show):
         from flows.rescore import rescore as rescore_flow
     _route_prefect_logs(job.store, verbose)
-    _start_prefect(show)
+    start_prefect(show)
     summary = rescore_flow(run_id=run_id, spec=source, output=output, wait=wait)
     print_summary(
         summary,
@@ -257,49 +304,6 @@ _register_commands()
 
 def _spec_source(spec: str) -> str:
     return spec if "://" in spec else str(Path(spec).expanduser().resolve())
-
-
-def _answer_from_storage(store: Any, validated: Any, started: float) -> bool:
-    """If metrics.json is current for this plan and these metrics, report it and stop."""
-    from shardeval.finalize import metrics_fingerprint
-
-    summary = store.read_json(store.metrics_path)
-    if not isinstance(summary, dict):
-        return False
-    current = summary.get("plan_fingerprint") == validated.plan.fingerprint() and summary.get(
-        "metrics_fingerprint"
-    ) == metrics_fingerprint(validated.metrics)
-    if not current or not store.exists(store.results_path):
-        return False
-    from shardeval.locking import RunLock
-
-    RunLock(store).clear_stale()  # left by a run killed between metrics.json and its release
-    err_console.print(f"[dim]run {store.run_id} is complete and current: answered from storage[/]")
-    print_summary(
-        summary,
-        wall_s=time.monotonic() - started,
-        sent=0,
-        from_cache=summary["n_rows"],
-        results_dir=store.url(),
-    )
-    return True
-
-
-def _start_prefect(show: bool) -> None:
-    """Start Prefect's API client (and its temporary server, without PREFECT_API_URL)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    api_url = PREFECT_API_URL.value()  # the environment or the active Prefect profile
-    if api_url:
-        message = f"Connecting to Prefect at {api_url}..."
-    else:
-        message = (
-            "Starting Prefect's temporary API server (10-20 s; "
-            "`prefect server start --background` skips this)..."
-        )
-    with spinner(message, enabled=show), get_client(sync_client=True) as client:
-        client.api_healthcheck()
 
 
 def _install_signal_handlers(run_id: str, grace_period_s: float) -> None:
@@ -395,16 +399,14 @@ def _print_log_location() -> None:
 
 
 def _configure_logging(verbose: bool) -> None:
-    # Prefect's INFO lines would tear through the progress bar; they still reach the API/UI.
     # A user error is printed once, cleanly, by main(); Prefect would add a traceback.
+    from shardeval.launch import quiet_prefect
+
+    quiet_prefect(verbose)
     # Set, not defaulted: the processes this one starts (Dask workers) inherit it, and their
     # console is the user's terminal; without --verbose, Prefect's lines go to the log file.
     if not verbose:
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
-    # This tool never needs to phone home, and many eval machines have no route out.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # A loaded 2-core machine can take longer than Prefect's default 20 s to start its server.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     handler = RichHandler(console=err_console, show_path=False, show_time=False)
     logger = logging.getLogger("shardeval")
     logger.handlers[:] = [handler]

@@ -21,7 +21,6 @@ metric name) in its message, and an optional ``hint`` printed as "to resolve thi
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

@@ -3,12 +3,14 @@
 Scores are computed here, from the stored responses and the dataset as it is now, so that a
 change of metrics, or of a target field the prompt does not use, never calls the model again.
 ``metrics.json`` is written last: its presence means the run is complete. Its content depends
-only on the data (timestamps aside): two runs over the same stored results give the same file.
+only on the data (timestamps aside, and ``cost.saved_usd``, which is what *this attempt* read
+from storage): two runs over the same stored results give the same file otherwise.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardeval import __version__
+from shardeval.cost import CostTally, cost_summary, judge_tallies, track_judge_use
 from shardeval.hashing import digest
+from shardeval.judging import Judgements, judge_metrics, load_judgements, with_judgements
 from shardeval.metrics import Metric, score_row, summarize
 from shardeval.metrics.trials import bootstrap_ci95, item_means, trial_statistics
 from shardeval.planning import RunPlan
@@ -39,6 +43,20 @@ def metrics_fingerprint(metrics: list[Metric]) -> str:
     return digest([m.fingerprint() for m in metrics])
 
 
+def is_current(
+    summary: Any, *, plan_fingerprint: str | None, metrics: list[Metric] | None = None
+) -> bool:
+    """Whether a metrics.json describes this plan (and, given ``metrics``, these metrics).
+
+    The one criterion for "complete": every command that asks uses this.
+    """
+    if not isinstance(summary, dict) or not summary.get("complete"):
+        return False
+    if plan_fingerprint is None or summary.get("plan_fingerprint") != plan_fingerprint:
+        return False
+    return metrics is None or summary.get("metrics_fingerprint") == metrics_fingerprint(metrics)
+
+
 def finalize(
     store: RunStore,
     plan: RunPlan,
@@ -46,17 +64,36 @@ def finalize(
     *,
     started_at: datetime,
     finished_at: datetime,
+    judgements: dict[str, Judgements] | None = None,
+    stored: list[pa.Table] | None = None,
+    sent_keys: Collection[str] | None = None,
 ) -> Finalized:
-    """Write results.parquet (dataset order), then metrics.json (the previous one to history/)."""
+    """Write results.parquet (dataset order), then metrics.json (the previous one to history/).
+
+    ``judgements`` (metric name → judgements) are the ``llm_judge`` metrics' inputs; without
+    them the judgements stored in the run are read, so finalizing on its own scores the same.
+    ``stored`` are the plan's committed batch tables when the caller has read them already.
+    ``sent_keys`` are the item keys (the run's and its judges') sent to a model in this
+    attempt, for ``cost.saved_usd``; None decides by each row's stored ``finished_at``
+    against ``started_at`` instead (see :mod:`shardeval.cost`).
+    """
+    if judgements is None:
+        judgements = {m.name: load_judgements(store, m) for m in judge_metrics(metrics)}
+    metrics = track_judge_use(with_judgements(metrics, judgements))
+    costs = CostTally("model", plan.spec.model, started_at=started_at, sent_keys=sent_keys)
     chunks: list[pa.Table] = []
     groups: list[str] = []
     score_errors: Counter[str] = Counter()
-    paths = [store.batch_path(batch.key) for batch in plan.batches]
-    for batch, stored in zip(plan.batches, store.read_tables(paths), strict=True):
-        if stored is None:
+    tables: list[pa.Table | None]
+    if stored is None:
+        tables = list(store.read_tables([store.batch_path(batch.key) for batch in plan.batches]))
+    else:
+        tables = list(stored)
+    for batch, table in zip(plan.batches, tables, strict=True):
+        if table is None:
             raise FileNotFoundError(f"committed batch {batch.key} vanished before finalizing")
         rows = plan.rows.slice(batch.start, batch.stop - batch.start)
-        chunk, chunk_groups = _score_chunk(plan, rows, conform(stored), metrics, score_errors)
+        chunk, chunk_groups = _score_chunk(plan, rows, conform(table), metrics, score_errors, costs)
         chunks.append(chunk)
         groups.extend(chunk_groups)
     score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})
@@ -78,6 +115,13 @@ def finalize(
         summary["by_group"] = _by_group(table, groups, score_columns)
     summary["started_at"] = started_at.isoformat(timespec="seconds")
     summary["finished_at"] = finished_at.isoformat(timespec="seconds")
+    judges = judge_tallies(store, metrics, started_at=started_at, sent_keys=sent_keys)
+    summary["cost"] = cost_summary([costs, *judges])
+    if plan.spec.report:
+        from shardeval.report.writer import write_report_quietly
+
+        if (report_url := write_report_quietly(store, table, summary)) is not None:
+            summary["report"] = report_url
     store.write_json(store.metrics_path, summary)
     store.tidy()
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))
@@ -98,8 +142,9 @@ def _score_chunk(
     stored: pa.Table,
     metrics: list[Metric],
     score_errors: Counter[str],
+    costs: CostTally,
 ) -> tuple[pa.Table, list[str]]:
-    """One batch's result rows (plan order, scored) and each row's group label."""
+    """One batch's result rows (plan order, scored, priced) and each row's group label."""
     indices = pc.index_in(rows.column("item_key"), value_set=stored.column("item_key"))
     if indices.null_count:
         raise ValueError("a committed batch lacks some of its rows")  # its key says otherwise
@@ -108,6 +153,7 @@ def _score_chunk(
         "item_id": rows.column("item_id"),
         "item_index": rows.column("item_index"),
         "trial": rows.column("trial"),
+        "cost_usd": costs.add(generation),
     }
     for field in RESULT_BASE_FIELDS:
         if field.name not in columns:

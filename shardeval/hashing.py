@@ -5,7 +5,8 @@ What identifies a result is *what was asked of which model*, nothing about where
 * **model fingerprint** = provider, model, revision, params (and ``function`` for the python
   provider). Left out on purpose: ``api_key_env`` and the key (secrets), ``base_url`` (where the
   model is, not which model it is), ``concurrency``, ``timeout_s``, ``max_retries`` and
-  ``prefect_limit`` (how we call it, not what we ask).
+  ``prefect_limit`` (how we call it, not what we ask), ``pricing`` and ``max_cost_usd`` (what
+  it costs, not what it answers).
 * **item key** = (model fingerprint, rendered messages, trial). Editing one dataset row changes
   only that row's key; editing a field the prompt does not use changes no key at all.
 * **batch key** = the batch's item keys, in order.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -79,20 +81,78 @@ def content_id(item: Mapping[str, Any]) -> str:
     return digest(item, length=16)
 
 
-def default_run_id(spec: EvalSpec) -> str:
-    """``<name>-<hash>`` of the model, dataset location, prompt and trials.
+def dataset_identity(spec: EvalSpec) -> str:
+    """The dataset as the run id sees it: a URL, or a path relative to the spec file.
+
+    Local paths use POSIX separators. So a moved or re-cloned project, or a second worker
+    with the repository at another path, derives the same run id and resumes the same run
+    on a shared output.
+    """
+    url = spec.dataset_url()
+    source = spec.source
+    if "://" in url or source is None or "://" in source:
+        return url
+    spec_dir = os.path.dirname(os.path.abspath(os.path.expanduser(source)))
+    return os.path.relpath(url, spec_dir).replace(os.sep, "/")
+
+
+def run_id_inputs(spec: EvalSpec, *, dataset: str | None = None) -> dict[str, Any]:
+    """What the run id is a hash of: model fingerprint, dataset, prompt and trials.
 
     Editing metrics or the batch size keeps the run id (those never need the model again);
     a new model, dataset location, prompt or trial count starts a new run.
     """
-    short = digest(
-        {
-            "v": HASH_VERSION,
-            "model": model_fingerprint(spec.model),
-            "dataset": spec.dataset_url(),
-            "prompt": spec.prompt.model_dump(),
-            "trials": spec.trials,
-        },
-        length=10,
-    )
-    return f"{spec.name}-{short}"
+    return {
+        "model": model_fingerprint(spec.model),
+        "dataset": dataset_identity(spec) if dataset is None else dataset,
+        "prompt": spec.prompt.model_dump(),
+        "trials": spec.trials,
+    }
+
+
+def default_run_id(spec: EvalSpec) -> str:
+    """``<name>-<short hash of run_id_inputs>``: typing the same command again resumes."""
+    return _run_id(spec.name, run_id_inputs(spec))
+
+
+def legacy_run_id(spec: EvalSpec) -> str:
+    """The id shardeval 0.1 derived (absolute dataset path): such runs keep resolving."""
+    return _run_id(spec.name, run_id_inputs(spec, dataset=spec.dataset_url()))
+
+
+def _run_id(name: str, inputs: dict[str, Any]) -> str:
+    return f"{name}-{digest({'v': HASH_VERSION, **inputs}, length=10)}"
+
+
+IDENTITY_LABELS = {
+    "model": "model fingerprint (provider, model, revision, params)",
+    "dataset": "dataset path",
+    "prompt": "prompt",
+    "trials": "trials",
+}
+
+
+def identity_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Which run id inputs differ, as ``model fingerprint (...): params.temperature 0 → 0.7``."""
+    changes = []
+    for name, label in IDENTITY_LABELS.items():
+        old, new = before.get(name), after.get(name)
+        if canonical_json(old) == canonical_json(new):
+            continue
+        detail = _first_difference(old, new)
+        changes.append(f"{label}: {detail}" if detail else label)
+    return changes
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if canonical_json(old.get(key)) != canonical_json(new.get(key)):
+                return _first_difference(old.get(key), new.get(key), f"{path}.{key}".lstrip("."))
+    where = f"{path} " if path else ""
+    return f"{where}{_short(old)} → {_short(new)}"
+
+
+def _short(value: Any) -> str:
+    text = canonical_json(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

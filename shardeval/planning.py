@@ -8,7 +8,6 @@ when the batch is handed out, so a million-item plan never holds a million messa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +55,6 @@ class RunPlan:
 
     spec: EvalSpec
     dataset: Dataset
-    model_digest: str
     rows: pa.Table  # item_index, item_id, trial, item_key
     batches: list[BatchRef] = field(default_factory=list)
 
@@ -119,17 +117,27 @@ def build_plan(spec: EvalSpec, dataset: Dataset) -> RunPlan:
             )
         )
     rows = pa.concat_tables(chunks).combine_chunks()
-    plan = RunPlan(spec=spec, dataset=dataset, model_digest=model_digest, rows=rows)
-    plan.batches = list(_cut(rows.column("item_key"), spec.batch_size))
+    plan = RunPlan(spec=spec, dataset=dataset, rows=rows)
+    plan.batches = cut_batches(rows.column("item_key").to_pylist(), spec.batch_size)
     return plan
 
 
-def _cut(keys: pa.ChunkedArray, size: int) -> Iterator[BatchRef]:
+def cut_batches(keys: list[str], size: int) -> list[BatchRef]:
+    """Contiguous batches of ``size`` rows, each keyed by its item keys in order.
+
+    The only place batch keys are computed: a run's plan and its judges' plans both cut here.
+    """
     total = (len(keys) + size - 1) // size
-    for number, start in enumerate(range(0, len(keys), size), start=1):
-        stop = min(start + size, len(keys))
-        key = batch_key(keys.slice(start, stop - start).to_pylist())
-        yield BatchRef(number=number, total=total, key=key, start=start, stop=stop)
+    return [
+        BatchRef(
+            number=number,
+            total=total,
+            key=batch_key(keys[start : start + size]),
+            start=start,
+            stop=min(start + size, len(keys)),
+        )
+        for number, start in enumerate(range(0, len(keys), size), start=1)
+    ]
 
 
 @dataclass(frozen=True)

@@ -9,21 +9,13 @@ so the stored batch files line up with the plan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from shardeval.catalog import open_store
 from shardeval.errors import SpecError
 from shardeval.overrides import resolve_spec
-from shardeval.session import Validated, validate
+from shardeval.session import RunSession
 from shardeval.spec import EvalSpec
 from shardeval.storage import RunStore
-
-
-@dataclass
-class RescoreJob:
-    """A run and the validated spec to score it with."""
-
-    store: RunStore
-    validated: Validated
+from shardeval.validation import validate
 
 
 def run_spec(store: RunStore) -> EvalSpec:
@@ -39,9 +31,12 @@ def run_spec(store: RunStore) -> EvalSpec:
     return spec
 
 
-def prepare_rescore(run_id: str, output: str, spec_source: str | None = None) -> RescoreJob:
-    """Validate the spec against the run; raise SpecError if it needs model calls."""
-    store = RunStore(output, run_id)
+def prepare_rescore(run_id: str, output: str, spec_source: str | None = None) -> RunSession:
+    """A session scoring run ``run_id`` with ``spec_source``'s metrics (default: its own).
+
+    Raises SpecError if the spec needs model calls (its requests are not all stored).
+    """
+    store = open_store(output, run_id)
     recorded = run_spec(store)
     spec = resolve_spec(spec_source) if spec_source else recorded
     if spec.batch_size != recorded.batch_size:
@@ -57,4 +52,4 @@ def prepare_rescore(run_id: str, output: str, spec_source: str | None = None) ->
             "the run's, or the run is not finished",
             hint=f"`shardeval run` computes them; rescore only re-scores what {run_id} holds",
         )
-    return RescoreJob(store=store, validated=validated)
+    return RunSession(validated, run_id, store)

@@ -46,6 +46,7 @@ RESULT_BASE_FIELDS: list[pa.Field] = [
     pa.field("http_status", pa.int64()),
     pa.field("finish_reason", pa.string()),
     pa.field("item_key", pa.string()),
+    pa.field("cost_usd", pa.float64()),  # null when unpriced or tokens unknown, never 0
 ]
 
 

@@ -1,260 +1,367 @@
-"""Before the batches run: validate everything, build the plan, and see what is stored.
+"""A run session: the steps of one attempt of one run, each decided once, here.
 
-Everything that can be wrong with the input (spec, dataset, prompts, metrics, provider
-settings) is found here, before the first model call, and raised as an exit-2 error.
-:func:`survey` then compares the plan with the run directory: which batches are committed,
-which items are stored under an older batching or dataset version (and where), and what
-changed since the previous attempt. Listing costs a bounded number of calls (batches/, parts/),
-and only files that the current plan does not name are opened.
+The life of a run (docs/architecture.md draws it)::
+
+    RunSession.prepare(spec, ...)      spec → validated plan → run id (+ why it is a new run)
+    session.answer_from_storage()      metrics.json current for this plan and metrics? done
+    with session.attempt(wait=...):    take the lease, survey what is stored, record the attempt
+        for stage in session.stages(): generations, then each llm_judge metric, then a repair
+            <run stage.works>          of any committed batch found damaged when collected
+            session.require(stage, failures)
+        session.finalize()             results.parquet, then metrics.json (written last)
+
+The Prefect flows only compose these steps as tasks (flows/evaluate.py); the CLI and the
+Python API prepare the session before Prefect starts, so bad input fails in a second.
+Nothing here imports Prefect.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-from shardeval import __version__
-from shardeval.datasets import Dataset, read_dataset
-from shardeval.errors import MetricError, SpecError
-from shardeval.finalize import keep_history
-from shardeval.hashing import default_run_id, model_fingerprint
-from shardeval.metrics import Metric, create_metrics
-from shardeval.planning import PlanDiff, RunPlan, build_plan, diff_plans
-from shardeval.providers import check_provider
+import pyarrow as pa
+
+from shardeval import __version__, interrupt
+from shardeval.engine import close_engines
+from shardeval.errors import RunIncomplete
+from shardeval.finalize import Finalized, finalize, is_current, keep_history
+from shardeval.hashing import default_run_id, model_fingerprint, run_id_inputs
+from shardeval.judging import (
+    Judgements,
+    judge_metrics,
+    load_judgements,
+    plan_judgements,
+    tidy_judges,
+)
+from shardeval.locking import RunLock
+from shardeval.metrics import Metric
+from shardeval.overrides import resolve_spec
+from shardeval.planning import RunPlan
+from shardeval.progress import RunProgress, progress_for
+from shardeval.run_id import choose_run_id
+from shardeval.runner import BatchWork, RunRef
 from shardeval.spec import EvalSpec
 from shardeval.storage import RunStore
+from shardeval.survey import Survey, survey
+from shardeval.validation import Validated, validate
+
+logger = logging.getLogger("shardeval.run")
+"""What a run found and does, for the person who started it; the CLI shows its INFO lines."""
 
 
 @dataclass
-class Validated:
-    """A spec whose dataset, prompts, metrics and provider settings all check out."""
+class Stage:
+    """Batches to run before the next step can start (generations, or one judge metric)."""
 
-    spec: EvalSpec
-    dataset: Dataset
-    metrics: list[Metric]
-    plan: RunPlan
-
-
-def validate(spec: EvalSpec, *, limit: int | None = None) -> Validated:
-    """Read the dataset, render every prompt, build the metrics: raise on the first problem."""
-    check_provider(spec.model)
-    metrics = create_metrics(spec.metrics)
-    dataset = read_dataset(spec.dataset, spec.dataset_url(), limit=limit)
-    for index, metric in enumerate(metrics):
-        target = metric.target_field
-        if target is None:
-            continue
-        missing = dataset.missing_field(target)
-        if missing is not None:
-            item_id, item_index = missing
-            raise MetricError(
-                f"metrics[{index}] ({metric.name}): target field {target!r} is missing in "
-                f"item {item_id!r} (row {item_index}) of {dataset.url}",
-                hint=f"fields in the dataset: {', '.join(sorted(dataset.fields))}",
-            )
-    for field_name in spec.group_by:
-        missing = dataset.missing_field(field_name)
-        if missing is not None:
-            raise SpecError(
-                f"group_by: field {field_name!r} is missing in item {missing[0]!r} "
-                f"(row {missing[1]}) of {dataset.url}",
-                hint=f"fields in the dataset: {', '.join(sorted(dataset.fields))}",
-            )
-    plan = build_plan(spec, dataset)
-    return Validated(spec=spec, dataset=dataset, metrics=metrics, plan=plan)
-
-
-def choose_run_id(spec: EvalSpec, run_id: str | None, *, fresh: bool) -> str:
-    """``--run-id`` if given; else ``<name>-<hash>``; ``--fresh`` adds a timestamp."""
-    if run_id:
-        if fresh:
-            raise SpecError(
-                "--fresh starts a new run with a new id; it cannot be combined with --run-id",
-                hint="drop --fresh to write that run, or --run-id to start a fresh one",
-            )
-        return run_id
-    base = default_run_id(spec)
-    if fresh:
-        return f"{base}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
-    return base
+    phase: str
+    """What the progress display says: ``generating``, ``judging (quality)``, ``repairing``."""
+    run: RunRef
+    works: Iterable[tuple[BatchWork, bool]]
+    """``(work, stale)``: a stale batch's Prefect cache record must not be trusted."""
+    n_requests: int = 0
+    n_batches: int = 0
 
 
 @dataclass
-class Survey:
-    """What the run directory holds for this plan."""
+class AttemptStats:
+    """What this attempt did (for the summary and metrics.json)."""
 
-    committed: set[str] = field(default_factory=set)
-    """Plan batch keys whose committed file exists."""
-    with_parts: set[str] = field(default_factory=set)
-    """Plan batch keys, not committed, with parts of an earlier attempt."""
-    reuse: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    """For uncommitted batches: other stored files (path → keys) holding some of their items."""
-    done_rows: int = 0
-    """Plan rows with a stored result before this attempt."""
-    diff: PlanDiff | None = None
-    """Dataset changes since the previous attempt (None on the first attempt)."""
-    error_batches: set[str] = field(default_factory=set)
-    """Committed batches holding error rows (re-run by --retry-failed)."""
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    resume_message: str = ""
 
 
-def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Survey:
-    """Compare the plan with what is stored (see the module docstring)."""
-    result = Survey()
-    committed_files, parts, previous = store.gather(
-        store.list_batches,
-        store.list_parts,
-        lambda: store.read_table(store.plan_path, columns=["item_id", "item_key"]),
-    )
-    plan_keys = {b.key for b in plan.batches}
-    result.committed = plan_keys & committed_files
+class RunSession:
+    """One attempt of one run (see the module docstring for the steps)."""
 
-    elsewhere = stored_elsewhere(store, plan_keys, committed_files, parts)
-    own_parts = {
-        path: key
-        for key, paths in parts.items()
-        if key in plan_keys and key not in result.committed
-        for path in paths
-    }
-    result.with_parts = set(own_parts.values())
-    own_part_keys: dict[str, set[str]] = {key: set() for key in result.with_parts}
-    for path, stored in _index(store, list(own_parts)).items():
-        own_part_keys[own_parts[path]].update(stored)
+    def __init__(
+        self,
+        validated: Validated,
+        run_id: str,
+        store: RunStore,
+        *,
+        retry_failed: bool = False,
+        new_run_reason: str | None = None,
+    ) -> None:
+        self.validated = validated
+        self.run_id = run_id
+        self.store = store
+        self.retry_failed = retry_failed
+        self.new_run_reason = new_run_reason
+        """Why this is a new run where a resume may have been expected (None otherwise)."""
+        self.stats = AttemptStats()
+        self._found: Survey | None = None
+        self._judgements: dict[str, Judgements] = {}
+        self._stored: list[pa.Table] | None = None
 
-    row_keys = plan.rows.column("item_key")
-    for batch in plan.batches:
-        if batch.key in result.committed:
-            result.done_rows += batch.stop - batch.start
-            continue
-        keys = row_keys.slice(batch.start, batch.stop - batch.start).to_pylist()
-        reuse: dict[str, list[str]] = {}
-        own = own_part_keys.get(batch.key, set())
-        for key in keys:
-            if key in own:
-                result.done_rows += 1
-            elif key in elsewhere:
-                result.done_rows += 1
-                reuse.setdefault(elsewhere[key], []).append(key)
-        if reuse:
-            result.reuse[batch.key] = reuse
+    # ------------------------------------------------------------------ prepare
+    @classmethod
+    def prepare(
+        cls,
+        spec: str | Mapping[str, Any] | EvalSpec,
+        *,
+        output: str | None = None,
+        run_id: str | None = None,
+        fresh: bool = False,
+        retry_failed: bool = False,
+        limit: int | None = None,
+        batch_size: int | None = None,
+        concurrency: int | None = None,
+        flow_run_id: str | None = None,
+    ) -> RunSession:
+        """Validate the spec, build the plan and choose the run id (raises exit-2 errors).
 
-    if retry_failed:
-        keys = sorted(result.committed)
-        paths = [store.batch_path(key) for key in keys]
-        for key, table in zip(keys, store.read_tables(paths, columns=["status"]), strict=True):
-            if table is not None and "error" in table.column("status").to_pylist():
-                result.error_batches.add(key)
+        ``flow_run_id`` is set for a deployment run: without an explicit ``run_id`` each flow
+        run is a new eval run (a nightly schedule measures tonight's model), and a retry of the
+        same flow run, which keeps its id, resumes it.
+        """
+        eval_spec = resolve_spec(spec, batch_size=batch_size, concurrency=concurrency)
+        validated = validate(eval_spec, limit=limit)
+        out = output or eval_spec.output
+        if run_id is None and not fresh and flow_run_id:
+            run_id = f"{default_run_id(eval_spec)}-{flow_run_id[:8]}"
+        chosen, reason = choose_run_id(eval_spec, out, run_id, fresh=fresh)
+        return cls(
+            validated,
+            chosen,
+            RunStore(out, chosen),
+            retry_failed=retry_failed,
+            new_run_reason=reason,
+        )
 
-    if previous is not None:
-        result.diff = diff_plans(previous, plan.rows)
-    return result
+    @property
+    def spec(self) -> EvalSpec:  # noqa: D102
+        return self.validated.spec
+
+    @property
+    def plan(self) -> RunPlan:  # noqa: D102
+        return self.validated.plan
+
+    @property
+    def metrics(self) -> list[Metric]:  # noqa: D102
+        return self.validated.metrics
+
+    @property
+    def progress(self) -> RunProgress:
+        """The run's progress counters (the CLI's display and the Prefect artifact read them)."""
+        return progress_for(self.run_id)
+
+    # ---------------------------------------------------------- from storage
+    def answer_from_storage(self) -> dict[str, Any] | None:
+        """metrics.json, when it is complete and current for this plan and these metrics.
+
+        Then the run needs no Prefect and no model call at all. ``--retry-failed`` always
+        runs (its point is to send the error rows again).
+        """
+        if self.retry_failed:
+            return None
+        summary = self.store.read_json(self.store.metrics_path)
+        if not is_current(summary, plan_fingerprint=self.plan.fingerprint(), metrics=self.metrics):
+            return None
+        if not self.store.exists(self.store.results_path):
+            return None
+        RunLock(self.store).clear_stale()  # left by a kill between metrics.json and release
+        assert isinstance(summary, dict)
+        return summary
+
+    # ----------------------------------------------------------------- attempt
+    @contextmanager
+    def lease(self, *, wait: bool = False) -> Iterator[None]:
+        """Hold the run's lease (one writer per run); close the run's engines at the end."""
+        lock = RunLock(self.store)
+        try:
+            lock.acquire(wait=wait)
+            yield
+        finally:
+            lock.release()  # only removes the lease if it is ours
+            close_engines(self.run_id)
+            interrupt.forget(self.run_id)  # the next run of this id in this process starts clean
+
+    @contextmanager
+    def attempt(self, *, wait: bool = False) -> Iterator[str]:
+        """Hold the lease for one attempt; yield what was found ("resuming run ...").
+
+        Survey first: it compares the plan with the previous attempt's plan.parquet, which
+        recording the attempt then replaces.
+        """
+        with self.lease(wait=wait):
+            self.stats = AttemptStats()
+            self._found = survey(self.store, self.plan, retry_failed=self.retry_failed)
+            self._record_attempt()
+            self.progress.plan(self.plan.n_rows, len(self.plan.batches), 0)
+            self.stats.resume_message = describe_resume(self.run_id, self.plan, self._found)
+            logger.info(self.stats.resume_message)
+            yield self.stats.resume_message
+
+    def _record_attempt(self) -> None:
+        """Write spec.json and plan.parquet for this attempt (the lease holder only)."""
+        spec, store = self.spec, self.store
+        store.clean_tmp()
+        record = {
+            "run_id": self.run_id,
+            "spec": spec.public_dict(),
+            "spec_source": spec.source,
+            "dataset_url": self.validated.dataset.url,
+            "dataset_fingerprint": self.validated.dataset.fingerprint,
+            "identity": run_id_inputs(spec),
+            "model_fingerprint": model_fingerprint(spec.model),
+            "metric_fingerprints": {m.name: m.fingerprint() for m in self.metrics},
+            "plan_fingerprint": self.plan.fingerprint(),
+            "batch_keys": [b.key for b in self.plan.batches],
+            "started_at": self.stats.started_at.isoformat(timespec="seconds"),
+            "shardeval_version": __version__,
+        }
+        store.gather(
+            self._retire_stale_metrics,
+            lambda: store.write_json(store.spec_path, record),
+            lambda: store.write_table(store.plan_path, self.plan.rows),
+        )
+
+    def _retire_stale_metrics(self) -> None:
+        """Move a metrics.json of another plan to history/: it no longer describes this run.
+
+        (After ``--limit 5``, a full run must not leave "complete: true" for 5 items behind if
+        it fails midway.) Nothing is deleted.
+        """
+        previous = self.store.read_json(self.store.metrics_path)
+        current = self.plan.fingerprint()
+        if isinstance(previous, dict) and previous.get("plan_fingerprint") != current:
+            keep_history(self.store)
+            self.store.delete([self.store.metrics_path])
+
+    # ------------------------------------------------------------------ stages
+    def stages(self) -> Iterator[Stage]:
+        """The batch stages of this attempt, in order; each must finish before the next.
+
+        Generations first; then each ``llm_judge`` metric (its requests are built from the
+        responses); then, if collecting the committed batches for finalizing finds one damaged
+        (set aside to quarantine/), one repair stage that recomputes it.
+        """
+        found = self._require_survey()
+        plan = self.plan
+        yield Stage(
+            phase="generating",
+            run=self.run_ref(),
+            works=self._batch_works(found, range(len(plan.batches))),
+            n_requests=plan.n_rows,
+            n_batches=len(plan.batches),
+        )
+        yield from self.judge_stages()
+        damaged = self._collect()
+        if damaged:
+            found = survey(self.store, plan, retry_failed=False)
+            self._found = found
+            yield Stage(
+                phase="repairing",
+                run=self.run_ref(),
+                works=self._batch_works(found, damaged, stale=True),
+                n_requests=sum(plan.batches[i].stop - plan.batches[i].start for i in damaged),
+                n_batches=len(damaged),
+            )
+            if self._collect():
+                raise RunIncomplete(
+                    "committed batches were damaged again while being recomputed",
+                    hint="check the output storage; what is committed is kept",
+                )
+
+    def judge_stages(self) -> Iterator[Stage]:
+        """One stage per ``llm_judge`` metric: its judgements, built from the ok responses."""
+        for metric in judge_metrics(self.metrics):
+            judged = plan_judgements(self.store, self.plan, metric, self.run_id)
+            progress = self.progress
+            progress.plan(
+                progress.total + judged.n_requests, progress.batches_total + len(judged.works), 0
+            )
+            yield Stage(
+                phase=f"judging ({metric.name})",
+                run=judged.run,
+                works=judged.works,
+                n_requests=judged.n_requests,
+                n_batches=len(judged.works),
+            )
+            self._judgements[metric.name] = load_judgements(self.store, metric)
+            tidy_judges(self.store, metric)
+
+    def require(self, stage: Stage, failures: list[str]) -> None:
+        """Raise :class:`RunIncomplete` if a stage's batches failed (the rest are kept)."""
+        if not failures:
+            return
+        shown = "; ".join(failures[:5]) + ("; ..." if len(failures) > 5 else "")
+        raise RunIncomplete(
+            f"{len(failures)} of {stage.n_batches} batches could not finish ({stage.phase}): "
+            + shown,
+            hint="run the same command again to retry only what is missing",
+        )
+
+    def run_ref(self) -> RunRef:
+        """Which run batch tasks work for (small and picklable, for any process)."""
+        return RunRef(run_id=self.run_id, output=self.store.output, model=self.spec.model)
+
+    def _batch_works(
+        self, found: Survey, indices: Iterable[int], *, stale: bool = False
+    ) -> Iterator[tuple[BatchWork, bool]]:
+        """Each batch's work (rendered only when submitted) and whether its record is stale."""
+        plan, spec = self.plan, self.spec
+        for index in indices:
+            batch = plan.batches[index]
+            work = BatchWork(
+                run_id=self.run_id,
+                number=batch.number,
+                total=batch.total,
+                key=batch.key,
+                requests=plan.requests(batch),
+                reuse=found.reuse.get(batch.key, {}),
+                retry_failed=self.retry_failed,
+                nothing_stored=batch.key not in found.committed
+                and batch.key not in found.with_parts,
+                flush_every_s=spec.flush_every_s,
+                flush_every_items=spec.flush_every_items,
+            )
+            is_stale = stale or batch.key not in found.committed or batch.key in found.error_batches
+            yield work, is_stale
+
+    def _collect(self) -> list[int]:
+        """Read every committed batch for finalizing; the indices of those that are damaged.
+
+        A batch that came back Cached from Prefect was never read by its task; an unreadable
+        file is set aside by the store (quarantine/) and its batch recomputed.
+        """
+        paths = [self.store.batch_path(b.key) for b in self.plan.batches]
+        tables = list(self.store.read_tables(paths))
+        damaged = [i for i, table in enumerate(tables) if table is None]
+        self._stored = None if damaged else [t for t in tables if t is not None]
+        return damaged
+
+    def _require_survey(self) -> Survey:
+        if self._found is None:
+            raise RuntimeError("stages() runs inside session.attempt()")
+        return self._found
+
+    # ---------------------------------------------------------------- finalize
+    def finalize(self, run_stats: Mapping[str, Any] | None = None) -> Finalized:
+        """results.parquet, then metrics.json; judgements are an input, not metric state."""
+        del run_stats  # counted by the progress; kept for callers that pass it
+        return finalize(
+            self.store,
+            self.plan,
+            self.metrics,
+            started_at=self.stats.started_at,
+            finished_at=datetime.now(UTC),
+            judgements=self._judgements or None,
+            stored=self._stored,
+        )
 
 
-def stored_elsewhere(
-    store: RunStore,
-    own_batches: set[str],
-    committed_files: set[str] | None = None,
-    parts: dict[str, list[str]] | None = None,
-) -> dict[str, str]:
-    """Item key → file, for results stored outside ``own_batches``.
-
-    Those are results of an older batching or dataset version; only their files are opened,
-    column-pruned to key and status.
-    """
-    committed_files = store.list_batches() if committed_files is None else committed_files
-    parts = store.list_parts() if parts is None else parts
-    paths = [store.batch_path(key) for key in sorted(committed_files - own_batches)]
-    paths += [p for key, names in parts.items() if key not in own_batches for p in names]
-    index: dict[str, str] = {}
-    for path, stored in _index(store, paths).items():
-        for key, status in stored.items():
-            if key not in index or status == "ok":
-                index[key] = path
-    return index
-
-
-def reuse_map(keys: list[str], index: dict[str, str]) -> dict[str, list[str]]:
-    """Group the ``keys`` found in ``index`` by the file holding them."""
-    reuse: dict[str, list[str]] = {}
-    for key in keys:
-        if key in index:
-            reuse.setdefault(index[key], []).append(key)
-    return reuse
-
-
-def _index(store: RunStore, paths: list[str]) -> dict[str, dict[str, str]]:
-    """Path → {item key: status} of the final rows (ok, error) each readable file holds.
-
-    Only the two columns are decoded, and on object stores the files are fetched many at a
-    time (a resume with hundreds of parts is a few round trips, not hundreds).
-    """
-    found: dict[str, dict[str, str]] = {}
-    for path, table in zip(
-        paths, store.read_tables(paths, columns=["item_key", "status"]), strict=True
-    ):
-        if table is None:
-            continue
-        final: dict[str, str] = {}
-        for key, status in zip(
-            table.column("item_key").to_pylist(), table.column("status").to_pylist(), strict=True
-        ):
-            if status in ("ok", "error") and final.get(key) != "ok":
-                final[key] = status
-        found[path] = final
-    return found
-
-
-def record_attempt(store: RunStore, validated: Validated, run_id: str) -> None:
-    """Write spec.json and plan.parquet for this attempt (the lock holder only)."""
-    spec = validated.spec
-    store.clean_tmp()
-    record = {
-        "run_id": run_id,
-        "spec": spec.public_dict(),
-        "spec_source": spec.source,
-        "dataset_url": validated.dataset.url,
-        "dataset_fingerprint": validated.dataset.fingerprint,
-        "model_fingerprint": model_fingerprint(spec.model),
-        "metric_fingerprints": {m.name: m.fingerprint() for m in validated.metrics},
-        "plan_fingerprint": validated.plan.fingerprint(),
-        "shardeval_version": __version__,
-    }
-    store.gather(
-        lambda: _retire_stale_metrics(store, validated),
-        lambda: store.write_json(store.spec_path, record),
-        lambda: store.write_table(store.plan_path, validated.plan.rows),
-    )
-
-
-def _retire_stale_metrics(store: RunStore, validated: Validated) -> None:
-    """Move a metrics.json of another plan to history/: it no longer describes this run.
-
-    (After ``--limit 5``, a full run must not leave "complete: true" for 5 items behind if it
-    fails midway.) Nothing is deleted.
-    """
-    previous = store.read_json(store.metrics_path)
-    current = validated.plan.fingerprint()
-    if isinstance(previous, dict) and previous.get("plan_fingerprint") != current:
-        keep_history(store)
-        store.delete([store.metrics_path])
-
-
-_memo: dict[str, Validated] = {}
-
-
-def validate_cached(
-    spec: EvalSpec, *, limit: int | None = None, remember: bool = False
-) -> Validated:
-    """:func:`validate`, handed over once from the CLI to the flow it starts.
-
-    The CLI validates before starting Prefect (so bad input fails fast, with exit 2) with
-    ``remember=True``; the flow then validates again and takes that result, so the second
-    call costs nothing. The memo is used once: a later flow run in the same process (a
-    served deployment, a notebook, tests) reads the dataset again and sees its edits.
-    """
-    key = f"{spec.model_dump_json()}|{spec.source}|{limit}"
-    remembered = _memo.pop(key, None)
-    _memo.clear()
-    validated = remembered if remembered is not None else validate(spec, limit=limit)
-    if remember:
-        _memo[key] = validated
-    return validated
+def describe_resume(run_id: str, plan: RunPlan, found: Survey) -> str:
+    """``resuming run X: 1,234 of 2,000 items done; dataset changed ...``."""
+    total = plan.n_rows
+    if found.diff is None and not found.done_rows:
+        return f"starting run {run_id}: {total:,} requests in {len(plan.batches)} batches"
+    text = f"resuming run {run_id}: {found.done_rows:,} of {total:,} done"
+    if found.diff is not None and found.diff.changed:
+        text += f"; dataset changed since the last attempt: {found.diff.describe()}"
+    return text

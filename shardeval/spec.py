@@ -48,6 +48,15 @@ class PromptSpec(_Strict):
     """User message template; ``{{ field }}`` refers to the item's fields."""
 
 
+class PricingSpec(_Strict):
+    """USD per million tokens, as the provider bills them (overrides the pinned price table)."""
+
+    prompt_per_mtok: float = Field(ge=0)
+    """USD per million prompt (input) tokens."""
+    completion_per_mtok: float = Field(ge=0)
+    """USD per million completion (output) tokens."""
+
+
 class ModelSpec(_Strict):
     """The model under evaluation and how to reach it."""
 
@@ -73,6 +82,13 @@ class ModelSpec(_Strict):
     """Retries of a transient failure (timeout, 429, 5xx, connection) before giving up."""
     prefect_limit: str | None = None
     """Optional Prefect global concurrency limit that throttles requests across processes."""
+    pricing: PricingSpec | None = None
+    """Price of this model's tokens; without it the pinned table may price a known model name,
+    otherwise cost is unknown (null, never 0). Not part of the fingerprint: a price change
+    re-prices stored rows, it never re-sends them."""
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    """Stop sending once what the run has spent reaches this many USD (exit 1, resumable).
+    Needs a price (``pricing`` or a table entry). Not part of the fingerprint."""
 
     @field_validator("function")
     @classmethod
@@ -126,6 +142,8 @@ class EvalSpec(_Strict):
     """...or after this many finished items, whichever comes first."""
     grace_period_s: float = Field(default=5.0, ge=0)
     """On Ctrl-C/SIGTERM, how long requests in flight may finish before the run stops."""
+    report: bool = True
+    """Write ``report.html`` (one self-contained page) when the run completes."""
 
     _source: str | None = PrivateAttr(default=None)
 
@@ -209,15 +227,25 @@ def _validate(
 
 def _describe(error: Any, text: str | None, origin: str) -> str:
     loc = tuple(error["loc"])
-    path = field_path(loc)
     line = line_of(text, loc) if text is not None else None
     where = f"{origin}:{line}: " if line else ""
+    return f"{where}{describe_problem(error)}"
+
+
+def describe_problem(error: Any, *, prefix: str = "", unknown: str = "unknown field") -> str:
+    """One pydantic error as ``prefix.metrics[0].target: required field is missing``."""
+    path = field_path(tuple(error["loc"]))
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        message = "unknown field"
+        message = unknown
     elif error["type"] == "missing":
         message = "required field is missing"
-    return f"{where}{path}: {message}"
+    return f"{prefix}{path}: {message}"
+
+
+def validation_problems(exc: ValidationError, **options: Any) -> str:
+    """Every problem of a pydantic error, ``; ``-separated (see :func:`describe_problem`)."""
+    return "; ".join(describe_problem(err, **options) for err in exc.errors())
 
 
 def field_path(loc: tuple[Any, ...]) -> str:

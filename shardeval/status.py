@@ -19,7 +19,6 @@ and the read makes us list ``batches/`` once more.
 from __future__ import annotations
 
 import json
-import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,18 +30,16 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from shardeval.errors import EXIT_USAGE, ShardevalError
-from shardeval.hashing import batch_key, digest
+from shardeval.catalog import not_found
+from shardeval.finalize import is_current
+from shardeval.hashing import digest
 from shardeval.locking import RunLock
+from shardeval.planning import cut_batches
+from shardeval.pricing import Price, price_for, row_costs
+from shardeval.spec import ModelSpec
 from shardeval.storage import RunStore
 
 COUNT_COLUMNS = ["item_key", "status", "error_kind", "prompt_tokens", "completion_tokens"]
-
-
-class RunNotFound(ShardevalError):
-    """There is no run with that id under that output (exit 2: a wrong argument)."""
-
-    exit_code = EXIT_USAGE
 
 
 @dataclass
@@ -61,6 +58,9 @@ class RunStatus:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float | None = None
+    """What the stored rows cost at the run's price (None: no price, or no token counts)."""
+    price_source: str | None = None
     batches_total: int | None = None
     batches_committed: int = 0
     batches_in_progress: int = 0
@@ -100,6 +100,13 @@ class RunStatus:
             return "empty"
         return "stopped"
 
+    @property
+    def projected_cost_usd(self) -> float | None:
+        """The whole run's cost if the rest costs what the done rows did on average."""
+        if self.cost_usd is None or not self.done or not self.total:
+            return None
+        return round(self.cost_usd * self.total / self.done, 6)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``shardeval status --json``)."""
         return {
@@ -115,6 +122,8 @@ class RunStatus:
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
+                "cost_usd": self.cost_usd,
+                "projected_cost_usd": self.projected_cost_usd,
             },
             "batches": {
                 "total": self.batches_total,
@@ -139,7 +148,7 @@ def read_status(
     """Read what ``<output>/runs/<run_id>`` holds (see the module docstring for the cost)."""
     store = RunStore(output, run_id, storage_options)
     if not store.exists(store.root):
-        raise RunNotFound(_not_found_message(store, run_id), hint=_not_found_hint(store))
+        raise not_found(output, run_id)
     status = RunStatus(run_id=run_id, url=store.url())
 
     parts = store.list_parts()
@@ -162,8 +171,8 @@ def read_status(
         status.complete = True
         status.metrics = metrics
         status.name = status.name or metrics.get("name")
-        status.current = isinstance(spec, dict) and metrics.get("plan_fingerprint") == spec.get(
-            "plan_fingerprint"
+        status.current = isinstance(spec, dict) and is_current(
+            metrics, plan_fingerprint=spec.get("plan_fingerprint")
         )
 
     plan_batches = _plan_batches(plan_keys, spec)
@@ -188,24 +197,19 @@ def read_status(
         if plan_batches is not None:
             status.batches_committed += len(plan_batches & again)
             status.batches_in_progress -= len(plan_batches & again)
-    _count(status, tables, plan_keys)
+    _count(status, tables, plan_keys, _run_price(spec))
     return status
 
 
-def _not_found_message(store: RunStore, run_id: str) -> str:
-    return f"no run {run_id!r} under {store.url_of(posixpath.dirname(store.root))}"
-
-
-def _not_found_hint(store: RunStore) -> str:
-    runs_dir = posixpath.dirname(store.root)
+def _run_price(record: Any) -> Price | None:
+    """The price of the run's model, from its spec.json (spec pricing or the pinned table)."""
+    if not isinstance(record, dict):
+        return None
     try:
-        names = sorted(posixpath.basename(p) for p in store._list(runs_dir))
-    except ShardevalError:
-        names = []
-    if not names:
-        return "pass --output with the run's output location (the spec's `output`)"
-    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-    return f"runs stored there: {shown}; or pass --output with another location"
+        model = ModelSpec.model_validate((record.get("spec") or {}).get("model") or {})
+    except Exception:
+        return None
+    return price_for(model)
 
 
 def _json(data: bytes | None) -> Any:
@@ -229,13 +233,20 @@ def _plan_keys(store: RunStore) -> list[str] | None:
 
 
 def _plan_batches(plan_keys: list[str] | None, spec: Any) -> set[str] | None:
-    """The batch keys of the latest plan (its rows cut by the batch size in spec.json)."""
-    if plan_keys is None or not isinstance(spec, dict):
+    """The batch keys of the latest plan, as spec.json records them.
+
+    Runs written before spec.json held ``batch_keys`` have their plan cut again by its batch
+    size, with planning's own cutter.
+    """
+    if not isinstance(spec, dict):
         return None
+    recorded = spec.get("batch_keys")
+    if isinstance(recorded, list):
+        return {str(k) for k in recorded}
     size = (spec.get("spec") or {}).get("batch_size")
-    if not isinstance(size, int) or size <= 0:
+    if plan_keys is None or not isinstance(size, int) or size <= 0:
         return None
-    keys = [batch_key(plan_keys[i : i + size]) for i in range(0, len(plan_keys), size)]
+    keys = [b.key for b in cut_batches(plan_keys, size)]
     if spec.get("plan_fingerprint") not in (None, digest(keys)):
         return None  # spec.json and plan.parquet are from different attempts (a kill between)
     return set(keys)
@@ -285,7 +296,12 @@ def _counted(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=COUNT_COLUMNS)
 
 
-def _count(status: RunStatus, tables: list[pa.Table], plan_keys: list[str] | None) -> None:
+def _count(
+    status: RunStatus,
+    tables: list[pa.Table],
+    plan_keys: list[str] | None,
+    price: Price | None = None,
+) -> None:
     """One row per stored key (an ok row wins), then totals over the plan's keys."""
     if not tables:
         return
@@ -311,6 +327,11 @@ def _count(status: RunStatus, tables: list[pa.Table], plan_keys: list[str] | Non
     }
     status.prompt_tokens = int(pc.sum(best.column("prompt_tokens")).as_py() or 0)
     status.completion_tokens = int(pc.sum(best.column("completion_tokens")).as_py() or 0)
+    if price is not None and best.num_rows:
+        costs = row_costs(best.column("prompt_tokens"), best.column("completion_tokens"), price)
+        priced = pc.sum(costs).as_py()
+        status.cost_usd = None if priced is None else round(float(priced), 6)
+        status.price_source = price.source
 
 
 # ---------------------------------------------------------------------------------- display
@@ -344,6 +365,14 @@ def render_status(status: RunStatus) -> Group:
         "tokens",
         f"{status.prompt_tokens:,} prompt · {status.completion_tokens:,} completion",
     )
+    if status.cost_usd is not None:
+        projected = status.projected_cost_usd
+        cost = f"${status.cost_usd:,.4f} spent ({status.price_source} price)"
+        if projected is not None and status.done < (status.total or 0):
+            cost += f"; ~${projected:,.4f} for the whole run at this rate"
+        table.add_row("cost", cost)
+    else:
+        table.add_row("cost", "unknown (no price for this model, or no token counts)")
     table.add_row("held by", _holder_text(status))
     if status.complete:
         table.add_row(

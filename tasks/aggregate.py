@@ -6,18 +6,14 @@ cached task do not reappear on a cache hit.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from shardeval.finalize import finalize
-from shardeval.metrics import Metric
-from shardeval.planning import RunPlan
 from shardeval.reporting import metrics_rows, summary_markdown
-from shardeval.storage import RunStore
+from shardeval.session import RunSession
 
 
 def artifact_key(run_id: str, suffix: str) -> str:
@@ -27,17 +23,13 @@ def artifact_key(run_id: str, suffix: str) -> str:
 
 
 @task(name="aggregate", cache_policy=NO_CACHE, persist_result=False)
-def aggregate(
-    store: RunStore,
-    plan: RunPlan,
-    metrics: list[Metric],
-    started_at: datetime,
-    finished_at: datetime,
-    run_stats: dict[str, Any],
-) -> dict[str, Any]:
+def aggregate(session: RunSession) -> dict[str, Any]:
     """Write the run's results and publish its metrics table and summary in the Prefect UI."""
-    done = finalize(store, plan, metrics, started_at=started_at, finished_at=finished_at)
+    done = session.finalize()
     summary = done.metrics_json
+    store = session.store
+    progress = session.progress
+    run_stats = {"sent": progress.sent, "from_cache": progress.from_cache}
     create_table_artifact(
         key=artifact_key(store.run_id, "metrics"),
         table=metrics_rows(summary),

@@ -1,15 +1,23 @@
-"""The planning task: validate the spec, read the dataset, key every request, cut batches."""
+"""The planning task: validate the spec, read the dataset, key every request, choose the run."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from shardeval.session import Validated, validate_cached
-from shardeval.spec import EvalSpec
+from shardeval.session import RunSession
 
 
 @task(name="shard-dataset", cache_policy=NO_CACHE, persist_result=False)
-def shard_dataset(spec: EvalSpec, limit: int | None = None) -> Validated:
-    """Everything checked before any model call; the plan holds keys, not messages."""
-    return validate_cached(spec, limit=limit)
+def prepare_run(spec: str | Mapping[str, Any] | RunSession, **options: Any) -> RunSession:
+    """Everything checked before any model call; the plan holds keys, not messages.
+
+    A session prepared by the CLI or ``shardeval.run`` (which validate before Prefect starts,
+    so bad input fails in a second) is used as it is: the dataset is read once.
+    """
+    if isinstance(spec, RunSession):
+        return spec
+    return RunSession.prepare(spec, **options)

@@ -29,7 +29,7 @@ from pydantic import ConfigDict, ValidationError, create_model
 from shardeval.errors import MetricError
 from shardeval.hashing import digest
 from shardeval.registry import Registry
-from shardeval.spec import MetricSpec, field_path
+from shardeval.spec import MetricSpec, validation_problems
 
 Item = Mapping[str, Any]
 ScoreValue = float | dict[str, float] | None
@@ -151,11 +151,7 @@ def create_metric(spec: MetricSpec, index: int) -> Metric:
     try:
         params = params_model.model_validate(spec.params).model_dump()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{field_path(tuple(err['loc']))}: "
-            + ("unknown parameter" if err["type"] == "extra_forbidden" else err["msg"])
-            for err in exc.errors()
-        )
+        problems = validation_problems(exc, unknown="unknown parameter")
         raise MetricError(f"{where}: {problems}") from None
     try:
         scorer = registered.factory(**params)

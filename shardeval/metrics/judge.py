@@ -32,7 +32,7 @@ from shardeval.hashing import item_key, model_hash
 from shardeval.metrics.base import Item, metric, target_text
 from shardeval.planning import PlannedRequest
 from shardeval.providers import check_provider
-from shardeval.spec import ModelSpec
+from shardeval.spec import ModelSpec, validation_problems
 
 DEFAULT_GRADE_PATTERN = r"GRADE:\s*([A-Za-z]+|\d+(?:\.\d+)?)"
 DEFAULT_GRADES = {"C": 1.0, "P": 0.5, "I": 0.0}
@@ -118,10 +118,7 @@ def llm_judge(
     try:
         judge_model = ModelSpec.model_validate(model)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-        )
-        raise MetricError(problems) from None
+        raise MetricError(validation_problems(exc, prefix="model.")) from None
     try:
         check_provider(judge_model)
     except ShardevalError as exc:

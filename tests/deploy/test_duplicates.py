@@ -7,14 +7,13 @@ from typing import Any
 
 import pytest
 
-from flows.evaluate import batch_works
 from shardeval.engine import close_engines
 from shardeval.overrides import resolve_spec
 from shardeval.runner import RunRef
-from shardeval.session import survey, validate
 from shardeval.storage import RunStore
+from shardeval.validation import validate
 from tasks.batch import LOCKS_ENV, batch_task_for
-from tests.helpers.specs import write_spec
+from tests.helpers.specs import first_work, write_spec
 
 
 def race(spec_path: Path, output: Path, run_id: str) -> list[str]:
@@ -25,7 +24,7 @@ def race(spec_path: Path, output: Path, run_id: str) -> list[str]:
     validated = validate(spec)
     store = RunStore(str(output), run_id)
     run = RunRef(run_id=run_id, output=store.output, model=spec.model)
-    work, _ = next(batch_works(validated, survey(store, validated.plan), run, False))
+    work = first_work(validated, store)
 
     @flow(name="race")
     def both() -> list[str]:

@@ -71,3 +71,14 @@ def write_spec(
     path = directory / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def first_work(validated: Any, store: Any) -> Any:
+    """The first batch's work, as the evaluate flow gets it from a fresh attempt's survey."""
+    from shardeval.session import RunSession
+
+    session = RunSession(validated, store.run_id, store)
+    with session.attempt():
+        stage = next(session.stages())
+        work, _stale = next(iter(stage.works))
+    return work

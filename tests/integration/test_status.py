@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from shardeval.status import RunNotFound, read_status
+from shardeval.catalog import RunNotFound
+from shardeval.status import read_status
 from shardeval.testing.server import ServerConfig, TestServer
 from tests.conftest import cli_env
 from tests.helpers.specs import arith_items, write_spec
@@ -57,6 +58,7 @@ def start_run(spec: Path, prefect_api: str, log: Path) -> subprocess.Popen[bytes
         )
 
 
+@pytest.mark.slow
 def test_status_while_running_after_a_kill_and_when_complete(
     tmp_path: Path, prefect_api: str, slow_server: TestServer
 ) -> None:
@@ -124,6 +126,7 @@ def test_status_while_running_after_a_kill_and_when_complete(
     assert "300 of 300 done" in table.stdout and "complete" in table.stdout
 
 
+@pytest.mark.slow
 def test_status_of_a_run_that_does_not_exist(tmp_path: Path) -> None:
     (tmp_path / "runs" / "some-run").mkdir(parents=True)
     result = status_cli("no-such-run", "--output", str(tmp_path))

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from flows.evaluate import batch_works
 from shardeval.engine import close_engines, engine_for
 from shardeval.overrides import resolve_spec
 from shardeval.progress import forget, progress_for
 from shardeval.runner import BatchIncomplete, BatchPointer, BatchWork, RunRef, run_batch
-from shardeval.session import Validated, survey, validate
 from shardeval.storage import RunStore
 from shardeval.testing.server import TestServer
-from tests.helpers.specs import arith_items, write_spec
+from shardeval.validation import Validated, validate
+from tests.helpers.specs import arith_items, first_work, write_spec
 from tests.s3.servers import S3Backend
 
 N_ITEMS = 10
@@ -30,8 +29,7 @@ ONE_WINDOW = {"flush_every_items": 1000, "flush_every_s": 600}
 
 def first_batch(validated: Validated, store: RunStore, run: RunRef) -> BatchWork:
     """The first batch's work, as the evaluate flow builds it from a fresh survey."""
-    work, _stale = next(batch_works(validated, survey(store, validated.plan), run, False))
-    return work
+    return first_work(validated, store)
 
 
 def run_one(store: RunStore, work: BatchWork, run: RunRef) -> BatchPointer:

@@ -23,11 +23,12 @@ import pytest
 import yaml
 
 from shardeval.overrides import resolve_spec
-from shardeval.session import survey, validate
 from shardeval.status import read_status
 from shardeval.storage import RunStore
+from shardeval.survey import survey
 from shardeval.testing.answers import answer_arith
 from shardeval.testing.server import TestServer, prompt_key
+from shardeval.validation import validate
 from tests.conftest import cli_env
 from tests.helpers.specs import arith_items, write_spec
 from tests.s3.conftest import count_s3_calls

@@ -1,0 +1,60 @@
+"""The runs under an output: which exist, and finding one by id.
+
+Every command that takes a run id (status, rescore, compare, report, resume, ...) opens it
+through :func:`open_store`, so an id that does not exist gets the same answer everywhere:
+"no run X under OUTPUT", with the closest ids stored there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import posixpath
+
+from shardeval.errors import ShardevalError
+from shardeval.storage import RunStore
+
+DEFAULT_OUTPUT = "./shardeval-runs"
+
+
+class RunNotFound(ShardevalError):
+    """No run with that id under the output (exit 2: the id or the output is wrong)."""
+
+    exit_code = 2
+
+
+def runs_dir(output: str) -> RunStore:
+    """A store rooted at ``<output>/runs`` (its ``root`` is the runs directory's parent)."""
+    return RunStore(output, "_")
+
+
+def list_run_ids(output: str) -> list[str]:
+    """Ids of the run directories under ``output``, sorted (one LIST)."""
+    probe = runs_dir(output)
+    parent = posixpath.dirname(probe.root)
+    try:
+        found = probe._list(parent)
+    except ShardevalError:
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in found)
+
+
+def not_found(output: str, run_id: str) -> RunNotFound:
+    """The error for an unknown run id: the closest ids under ``output`` in its hint."""
+    ids = list_run_ids(output)
+    where = RunStore(output, run_id).url_of(posixpath.dirname(RunStore(output, run_id).root))
+    if not ids:
+        hint = "no runs are stored there; pass --output with the run's output location"
+    else:
+        close = difflib.get_close_matches(run_id, ids, n=5, cutoff=0.3)
+        shown = close or ids[-10:]
+        label = "closest runs stored there" if close else "runs stored there"
+        hint = f"{label}: {', '.join(shown)}; or pass --output with another location"
+    return RunNotFound(f"no run {run_id!r} under {where}", hint=hint)
+
+
+def open_store(output: str, run_id: str) -> RunStore:
+    """The store of an existing run (one with a spec.json), else :class:`RunNotFound`."""
+    store = RunStore(output, run_id)
+    if not store.exists(store.spec_path):
+        raise not_found(output, run_id)
+    return store

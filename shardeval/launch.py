@@ -1,0 +1,74 @@
+"""Starting the ``evaluate`` flow for a prepared run session (the CLI's and ``shardeval.run``'s).
+
+The library never imports ``flows/`` at import time; this module imports it only when a run
+actually needs Prefect, so validation and "answered from storage" stay Prefect-free.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from shardeval.display import spinner
+from shardeval.session import RunSession
+
+
+def quiet_prefect(verbose: bool = False) -> None:
+    """Settings shardeval applies wherever it starts Prefect (environment defaults only).
+
+    Prefect's INFO lines would tear through the progress bar (they still reach the API/UI);
+    this tool never needs to phone home, and many eval machines have no route out; a loaded
+    2-core machine can take longer than Prefect's default 20 s to start its server.
+    """
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def start_prefect(show: bool) -> None:
+    """Start Prefect's API client (and its temporary server, without PREFECT_API_URL)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()  # the environment or the active Prefect profile
+    if api_url:
+        message = f"Connecting to Prefect at {api_url}..."
+    else:
+        message = (
+            "Starting Prefect's temporary API server (10-20 s; "
+            "`prefect server start --background` skips this)..."
+        )
+    with spinner(message, enabled=show), get_client(sync_client=True) as client:
+        client.api_healthcheck()
+
+
+def run_evaluate(
+    session: RunSession,
+    *,
+    wait: bool = False,
+    task_runner: str = "threads",
+    dask_address: str | None = None,
+    baseline: str | None = None,
+    show: bool = False,
+) -> dict[str, Any]:
+    """Run the ``evaluate`` flow on ``session``; return its metrics.json content."""
+    with spinner("Loading Prefect...", enabled=show):
+        from flows.evaluate import evaluate
+    flow_fn: Any = evaluate
+    if task_runner != "threads":
+        from shardeval.taskrunners import make_task_runner
+
+        flow_fn = evaluate.with_options(task_runner=make_task_runner(task_runner, dask_address))
+    start_prefect(show)
+    summary: dict[str, Any] = flow_fn(
+        spec=session,
+        output=session.store.output,
+        run_id=session.run_id,
+        wait=wait,
+        task_runner=task_runner,
+        dask_address=dask_address,
+        baseline=baseline,
+    )
+    return summary
