@@ -40,6 +40,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts are plain text: "[dask]" is the name of an extra, not rich markup.
+    rich_markup_mode=None,
 )
 
 SpecArg = Annotated[
@@ -47,6 +49,18 @@ SpecArg = Annotated[
 ]
 OutputOpt = Annotated[
     str | None, typer.Option("--output", "-o", help="Where runs are stored (any fsspec URL).")
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Model name to use instead of the spec's model.model."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a spec field, e.g. --set model.params.temperature=0.7 (the value is "
+        "YAML; repeatable; applied before the run id is derived).",
+    ),
 ]
 
 
@@ -91,6 +105,16 @@ def run(
             "(default: a local cluster of SHARDEVAL_DASK_WORKERS processes).",
         ),
     ] = None,
+    model: ModelOpt = None,
+    set_: SetOpt = None,
+    no_preflight: Annotated[
+        bool,
+        typer.Option(
+            "--no-preflight",
+            help="Skip the check that the endpoint answers and knows the model before the "
+            "first batch.",
+        ),
+    ] = False,
     baseline: Annotated[
         str | None,
         typer.Option(
@@ -129,6 +153,7 @@ def run(
         limit=limit,
         batch_size=batch_size,
         concurrency=concurrency,
+        overrides=_overrides(model, set_),
     )
     if session.new_run_reason:
         err_console.print(f"[yellow]{_escape(session.new_run_reason)}[/]")
@@ -150,8 +175,15 @@ def run(
             found = compare_with_baseline(session.store, session.spec.name, baseline)
             _report_comparison(found.to_dict() if found else None, fail_on_regression)
         return
+    if not no_preflight:  # the lead moves this into the run session's prepare step
+        from shardeval.preflight import preflight
+
+        with spinner("Checking the endpoint...", enabled=not quiet and sys.stderr.isatty()):
+            preflight(session.spec)
     show = not quiet and sys.stderr.isatty()
-    if runner_kind != "threads" and not has_prefect_server():
+    # Without PREFECT_API_URL, start_prefect gives the workers shardeval's local server.
+    local_off = os.environ.get("SHARDEVAL_LOCAL_SERVER", "").strip() == "0"
+    if runner_kind != "threads" and local_off and not has_prefect_server():
         err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
     _install_signal_handlers(session.run_id, session.spec.grace_period_s)
     with spinner("Loading Prefect...", enabled=show):
@@ -194,13 +226,31 @@ def _report_comparison(comparison: dict[str, Any] | None, fail_on_regression: bo
 def validate(
     spec: SpecArg,
     limit: Annotated[int | None, typer.Option(min=1, help="Check only the first N items.")] = None,
+    model: ModelOpt = None,
+    set_: SetOpt = None,
+    check_endpoint: Annotated[
+        bool,
+        typer.Option(
+            "--check-endpoint",
+            help="Also check that the endpoint answers, the API key is accepted and the model "
+            "exists (one or two small requests, like run's preflight).",
+        ),
+    ] = False,
 ) -> None:
-    """Check a spec and its dataset (prompts, metrics, provider) without calling the model."""
+    """Check a spec and its dataset (prompts, metrics, provider) without running the eval.
+
+    Without --check-endpoint no request is made; the API key is then only checked to be set
+    for api.openai.com (other endpoints may need none).
+    """
     from shardeval.hashing import default_run_id
     from shardeval.validation import validate as validate_spec
 
-    eval_spec = resolve_spec(_spec_source(spec))
+    eval_spec = resolve_spec(_spec_source(spec), overrides=_overrides(model, set_))
     checked = validate_spec(eval_spec, limit=limit)
+    if check_endpoint:
+        from shardeval.preflight import preflight
+
+        preflight(eval_spec)
     plan = checked.plan
     out_console.print(f"[green]ok[/]: {spec}")
     out_console.print(f"  dataset: {checked.dataset.url} ({len(checked.dataset):,} items)")
@@ -210,6 +260,14 @@ def validate(
     )
     out_console.print(f"  metrics: {', '.join(m.name for m in checked.metrics) or 'none'}")
     out_console.print(f"  run id: {default_run_id(eval_spec)}")
+    if check_endpoint:
+        from shardeval.preflight import endpoints
+
+        for endpoint in endpoints(eval_spec):
+            out_console.print(
+                f"  endpoint: {endpoint.field} at {endpoint.base_url} answers and serves "
+                f"{_escape(endpoint.model.model)}"
+            )
 
 
 @app.command()
@@ -286,11 +344,22 @@ def test_server(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8000,
     latency: Annotated[float, typer.Option(help="Seconds per request.")] = 0.05,
     mode: Annotated[str, typer.Option(help="arith | echo | random")] = "arith",
+    require_api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--require-api-key",
+            help="Answer 401 unless a request carries Authorization: Bearer KEY.",
+            metavar="KEY",
+        ),
+    ] = None,
 ) -> None:
     """Serve the bundled OpenAI-compatible test model on 127.0.0.1 (for trying things out)."""
     from shardeval.testing.server import main as server_main
 
-    server_main(["--port", str(port), "--latency", str(latency), "--mode", mode])
+    argv = ["--port", str(port), "--latency", str(latency), "--mode", mode]
+    if require_api_key is not None:
+        argv += ["--require-api-key", require_api_key]
+    server_main(argv)
 
 
 def _register_commands() -> None:
@@ -300,6 +369,19 @@ def _register_commands() -> None:
 
 
 _register_commands()
+
+
+def _overrides(model: str | None, sets: list[str] | None) -> list[str]:
+    """``--model`` and ``--set`` as the flow's ``overrides`` parameter (FIELD=VALUE strings).
+
+    ``--model`` becomes a quoted YAML string, so a model named ``1.5`` or ``yes`` stays text.
+    """
+    import json
+
+    found = list(sets or [])
+    if model is not None:
+        found.append(f"model.model={json.dumps(model)}")
+    return found
 
 
 def _spec_source(spec: str) -> str:

@@ -44,6 +44,7 @@ from shardeval.errors import (
     StorageError,
     TransientProviderError,
 )
+from shardeval.finality import drop_auth_rows, has_auth_rows
 from shardeval.objectstore import describe_error
 from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress, progress_for
@@ -132,13 +133,14 @@ class BatchPointer:
 class BatchIncomplete(TransientProviderError):
     """Some items of a batch failed transiently beyond the retries; they were not stored."""
 
-    def __init__(self, label: str, failed: int, example: str | None) -> None:
+    def __init__(self, label: str, failed: int, example: str | None, run_id: str = "") -> None:
         super().__init__(
             f"{label}: {failed} item(s) failed transiently after retries"
             + (f" (e.g. {example})" if example else "")
             + "; they were not stored and a rerun will retry them",
         )
         self.failed = failed
+        self.run_id = run_id
 
 
 def run_batch(
@@ -146,7 +148,9 @@ def run_batch(
 ) -> BatchPointer:
     """Run one batch to its committed file (see the module docstring)."""
     unique_keys = list(dict.fromkeys(r.key for r in work.requests))
-    committed = None if work.nothing_stored else _read_committed(store, work)
+    committed, keep_committed = (
+        (None, False) if work.nothing_stored else _read_committed(store, work)
+    )
     if committed is not None:
         # A kill between the commit and the removal of the parts leaves some behind; the
         # committed file holds every row, so they are only clutter. (No Prefect record was
@@ -159,7 +163,7 @@ def run_batch(
         progress.batch_finished()
         return BatchPointer(work.key, store.url_of(store.batch_path(work.key)), committed)
 
-    stored, read_parts = _stored_rows(store, work)
+    stored, read_parts = _stored_rows(store, work, keep_committed or work.retry_failed)
     if work.retry_failed and stored.num_rows:
         stored = stored.filter(pc.equal(stored.column("status"), "ok"))
     have = set(stored.column("item_key").to_pylist())
@@ -181,8 +185,9 @@ def run_batch(
         # stored; the rerun sends them), and a retry would only delay the exit.
         raise RunInterrupted(f"{work.label}: stopped ({stop.reason}); finished items were saved")
     if transient:
+        engine.raise_if_stopped()  # the endpoint is gone, or the key is wrong: say so
         example = transient[0].error
-        raise BatchIncomplete(work.label, len(transient), example)
+        raise BatchIncomplete(work.label, len(transient), example, work.run_id)
     if not complete:  # the rest were cancelled: a stop, or the engine closed
         raise RunInterrupted(f"{work.label}: stopped; finished items were saved")
 
@@ -228,22 +233,32 @@ def _meta(requests: list[PlannedRequest]) -> tuple[dict[str, str], dict[str, int
     return {r.key: r.item_id for r in requests}, {r.key: r.trial for r in requests}
 
 
-def _read_committed(store: RunStore, work: BatchWork) -> int | None:
-    """Rows of the committed batch file, or None if it must be (re)computed."""
-    table = store.read_table(store.batch_path(work.key), columns=["item_key", "status"])
+def _read_committed(store: RunStore, work: BatchWork) -> tuple[int | None, bool]:
+    """Rows of the committed batch file, or None if it must be (re)computed.
+
+    The flag says whether the file exists but holds rows to send again (error rows with
+    ``retry_failed``, 401/403 rows of an earlier version): its other rows are then reused.
+    """
+    table = store.read_table(
+        store.batch_path(work.key), columns=["item_key", "status", "http_status"]
+    )
     if table is None:
-        return None
+        return None, False
     if work.retry_failed and pc.any(pc.equal(table.column("status"), "error")).as_py():
-        return None
-    return int(table.num_rows)
+        return None, True
+    if has_auth_rows(table):  # 401/403 rows of an earlier version: send those again
+        return None, True
+    return int(table.num_rows), False
 
 
-def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]:
+def _stored_rows(
+    store: RunStore, work: BatchWork, with_committed: bool
+) -> tuple[pa.Table, list[str]]:
     """Rows already stored for this batch, and the parts that were read.
 
-    Sources are the batch's own parts, then other files the plan named (and, with
-    ``retry_failed``, its own committed file); the parts read are deleted once the batch is
-    committed.
+    Sources are the batch's own parts, then other files the plan named (and, when
+    ``with_committed``, its own committed file); the parts read are deleted once the batch
+    is committed.
     """
     wanted = {r.key for r in work.requests}
     tables = []
@@ -251,9 +266,10 @@ def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]
     own_parts = [] if work.nothing_stored else store.list_batch_parts(work.key)
     sources: list[tuple[str, set[str] | None]] = [(path, None) for path in own_parts]
     sources += [(path, set(keys)) for path, keys in work.reuse.items()]
-    if work.retry_failed:
-        # The committed file of a batch being retried for its error rows: its ok rows stand
-        # (the caller drops the error rows), so only the failed items are sent again.
+    if with_committed:
+        # The committed file of a batch being retried for its error rows (its ok rows stand;
+        # the caller drops the error rows), or holding 401/403 rows of an earlier version:
+        # only the failed items are sent again.
         sources.append((store.batch_path(work.key), wanted))
     for path, keys in sources:
         table = store.read_table(path)
@@ -261,7 +277,7 @@ def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]
             continue
         if keys is None:
             read_parts.append(path)
-        table = conform(table)
+        table = drop_auth_rows(conform(table))  # never final (shardeval.finality)
         mask = pc.is_in(table.column("item_key"), value_set=pa.array(sorted(keys or wanted)))
         tables.append(table.filter(mask))
     if not tables:
