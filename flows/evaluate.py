@@ -120,7 +120,10 @@ def evaluate(
     progress = session.progress
     with (
         interrupt.graceful_signal(
-            signal.SIGTERM, session.spec.grace_period_s, defer=prefect_runner_signalled
+            signal.SIGTERM,
+            session.spec.grace_period_s,
+            session.run_id,
+            defer=prefect_runner_signalled,
         ),
         session.attempt(wait=wait) as found,
     ):

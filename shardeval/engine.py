@@ -187,10 +187,12 @@ class _Slots:
 class Engine:
     """Sends requests for one run through one provider, at most ``concurrency`` at a time."""
 
-    def __init__(self, model: ModelSpec, *, field: str = "model") -> None:
+    def __init__(self, model: ModelSpec, *, field: str = "model", run_id: str = "") -> None:
         self.model = model
         self.field = field
         """Where ``model`` is in the spec (``model``, or a judge's ``metrics[0].model``)."""
+        self.run_id = run_id
+        """Whose stop (:func:`shardeval.interrupt.stop_for`) ends this engine's requests."""
         self.stop_error: ShardevalError | None = None
         """Why this run stopped sending (set once by :meth:`stop_run`); None while running."""
         self._breaker = Breaker(model.unreachable_after_s)
@@ -269,14 +271,15 @@ class Engine:
         try:
             async for attempt in retrying:
                 with attempt:
-                    if interrupt.stop_requested():
+                    if self.stopping():
                         return Outcome(key=request.key, status="cancelled", attempts=attempts)
                     if self.stop_error is not None:
                         return self._not_sent(request, attempts)
                     await self._respect_pause()
                     await self._slots.acquire(priority)
                     try:
-                        if interrupt.stop_requested():
+                        await self._wait_for_lease()
+                        if self.stopping():
                             return Outcome(key=request.key, status="cancelled", attempts=attempts)
                         if self.stop_error is not None:
                             return self._not_sent(request, attempts)
@@ -435,11 +438,29 @@ class Engine:
         if delay > 0:
             await asyncio.sleep(delay)
 
+    def stopping(self) -> bool:
+        """Whether the run was asked to stop: no new request (nor retry) is sent then.
+
+        Looked up at every request rather than held: a run's stop is forgotten when the run
+        ends, and an engine that outlives it (a Dask worker's) serves the next run clean.
+        """
+        return interrupt.stop_for(self.run_id).requested
+
+    async def _wait_for_lease(self) -> None:
+        """Hold a request while the run's lease may have been taken over (see locking.py).
+
+        The heartbeat either renews the lease (the request goes) or finds it lost and stops
+        the run (the request is cancelled): either way nothing is paid twice.
+        """
+        stop = interrupt.stop_for(self.run_id)
+        while not stop.lease_current() and not stop.requested:
+            await asyncio.sleep(0.05)
+
     async def _watch_interrupt(self) -> None:
         """After a stop's grace period, abandon the requests still in flight."""
         while True:
             await asyncio.sleep(0.1)
-            if interrupt.grace_expired():
+            if self._inflight and interrupt.stop_for(self.run_id).grace_expired():
                 for task in list(self._inflight):
                     task.cancel()
 
@@ -485,8 +506,9 @@ def engine_for(run_id: str, model: ModelSpec) -> Engine:
         if engine is None:
             judge = run_id.split("/judges/", 1)[1] if "/judges/" in run_id else None
             field = "model" if judge is None else f"metric {judge!r}: model"
-            engine = _engines[key] = Engine(model, field=field)
-        return engine
+            engine = _engines[key] = Engine(model, field=field, run_id=run_id)
+    interrupt.handle_signals_in_dask_worker()
+    return engine
 
 
 def run_stopped(run_id: str | None = None) -> bool:

@@ -36,9 +36,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shardeval import interrupt
 from shardeval.engine import Engine, Outcome
-from shardeval.errors import RunInterrupted, StorageError, TransientProviderError
+from shardeval.errors import (
+    RunInterrupted,
+    ShardevalError,
+    StorageError,
+    TransientProviderError,
+)
 from shardeval.finality import drop_auth_rows, has_auth_rows
+from shardeval.objectstore import describe_error
 from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress, progress_for
 from shardeval.providers.base import ProviderRequest
@@ -47,6 +54,12 @@ from shardeval.spec import ModelSpec
 from shardeval.storage import PARQUET_COMPRESSION, RunStore
 
 logger = logging.getLogger("shardeval.runner")
+
+WRITE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+"""Waits between the attempts to write a batch's buffered rows once writes fail (ENOSPC, an
+S3 hiccup): a few seconds in all, so that a store that comes back keeps them."""
+STORAGE_GRACE_S = 5.0
+"""Requests in flight when the first write fails get this long (their answers are buffered)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,11 @@ def run_batch(
     finally:
         flusher.close()
 
+    stop = interrupt.stop_for(work.run_id)
+    if stop.requested and not complete:
+        # Transient failures while stopping are not worth a task retry (they are not
+        # stored; the rerun sends them), and a retry would only delay the exit.
+        raise RunInterrupted(f"{work.label}: stopped ({stop.reason}); finished items were saved")
     if transient:
         engine.raise_if_stopped()  # the endpoint is gone, or the key is wrong: say so
         example = transient[0].error
@@ -180,7 +198,9 @@ def run_batch(
     unflushed = flusher.take()
     try:
         store.write_table(store.batch_path(work.key), table)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            flusher.note_failure(exc, store.batch_path(work.key))
         flusher.restore(unflushed)
         with contextlib.suppress(Exception):  # the commit's error is the one to report
             flusher.flush()
@@ -360,15 +380,19 @@ class _PartFlusher:
         self.window.register(self)
 
     def add(self, outcome: Outcome) -> None:
-        self._raise_failed_write()
         with self._lock:
             self.buffer.append(outcome)
+            failing = self._failed is not None
+        if failing:  # writes fail: keep it in memory; flush() retries before giving up
+            return
         if self.window.full(self.work.flush_every_items):
             self.window.flush_all(self)
         elif self.due():
             self.flush_soon()
 
     def due(self) -> bool:
+        if self._failed is not None:  # writes fail: flush() retries them at the batch's end
+            return False
         return bool(self.buffer) and time.monotonic() - self.last_flush >= self.work.flush_every_s
 
     def flush_soon(self) -> None:
@@ -384,10 +408,21 @@ class _PartFlusher:
         """
         with self._lock:
             self._lock.wait_for(lambda: self._writing == 0)
-        self._raise_failed_write()
-        cut = self.cut()
-        if cut is not None:
-            self.write(*cut)
+        for delay in (*WRITE_RETRY_DELAYS_S, None):
+            cut = self.cut()
+            if cut is None:
+                break
+            try:
+                self.write(*cut)
+                break
+            except Exception as exc:
+                self.note_failure(exc, cut[0])
+                if delay is None:
+                    raise
+                logger.info("%s: retrying the write in %gs", self.work.label, delay)
+                time.sleep(delay)
+        with self._lock:
+            self._failed = None
 
     def cut(self) -> tuple[str, list[Outcome]] | None:
         """Take the buffered rows and name their part; None if there are none.
@@ -425,15 +460,26 @@ class _PartFlusher:
         try:
             self.write(path, rows)
         except Exception as exc:
-            logger.warning("could not flush %s: %s", self.work.label, exc)
-            with self._lock:
-                self._failed = exc
+            self.note_failure(exc, path)
 
-    def _raise_failed_write(self) -> None:
+    def note_failure(self, exc: BaseException, path: str = "") -> None:
+        """A write failed: stop the run's requests at once; the rows stay in memory.
+
+        Every answer that arrives after the store stopped taking writes is paid for and can
+        only be lost, so the whole run stops sending (a full disk or an expired credential
+        fails every batch alike). The requests in flight get a short grace, their answers are
+        buffered, and :meth:`flush` retries the write before the batch gives up.
+        """
         with self._lock:
-            failed, self._failed = self._failed, None
-        if failed is not None:
-            raise failed
+            self._failed = exc
+        if isinstance(exc, ShardevalError):
+            text = exc.message
+        else:  # e.g. FileNotFoundError of a vanished bucket, which the store passes through
+            where = f" {self.store.url_of(path)}" if path else ""
+            text = f"storage failed to write{where}: {describe_error(exc)}"
+        # stop_run says it once for the run; every batch's failure is logged for --verbose.
+        logger.info("could not flush %s: %s", self.work.label, text)
+        interrupt.stop_run(self.work.run_id, "storage_failed", text, grace_period_s=STORAGE_GRACE_S)
 
     def take(self) -> list[Outcome]:
         """Empty the buffer for a caller that stores its rows another way (the batch file).

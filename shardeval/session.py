@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from shardeval import __version__
+from shardeval import __version__, interrupt
 from shardeval.engine import close_engines, stop_error
 from shardeval.errors import RunIncomplete
 from shardeval.finality import summary_has_auth_errors
@@ -190,12 +190,13 @@ class RunSession:
     def lease(self, *, wait: bool = False) -> Iterator[None]:
         """Hold the run's lease (one writer per run); close the run's engines at the end."""
         lock = RunLock(self.store)
-        lock.acquire(wait=wait)
         try:
+            lock.acquire(wait=wait)
             yield
         finally:
-            lock.release()
+            lock.release()  # only removes the lease if it is ours
             close_engines(self.run_id)
+            interrupt.forget(self.run_id)  # the next run of this id in this process starts clean
 
     @contextmanager
     def attempt(self, *, wait: bool = False) -> Iterator[str]:

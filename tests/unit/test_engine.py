@@ -131,10 +131,10 @@ def test_stop_cancels_new_requests(server: TestServer) -> None:
     server.configure(latency_min=0.2, latency_max=0.2)
     engine = Engine(model(server, concurrency=2))
     try:
-        interrupt.request_stop(grace_period_s=5)
+        interrupt.stop_run("", "interrupted", "test", grace_period_s=5)
         outcomes = run_all(engine, [request(i) for i in range(6)])
     finally:
-        interrupt.reset()
+        interrupt.forget("")
         engine.close()
     assert all(o.status == "cancelled" for o in outcomes)
     assert server.stats()["requests"] == 0
