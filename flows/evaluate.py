@@ -19,6 +19,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.stages import submit_batches
 from shardeval import interrupt
+from shardeval.flow_failure import fail_with_reason
 from shardeval.overrides import resolve_spec
 from shardeval.prefect_limit import prefect_limit_mode
 from shardeval.session import RunSession
@@ -39,7 +40,12 @@ def evaluate_run_name() -> str:
     """``{name} · {model}``, so the Prefect UI says which eval a flow run is."""
     try:
         given = flow_run.parameters["spec"]
-        spec = given.spec if isinstance(given, RunSession) else resolve_spec(given)
+        overrides = flow_run.parameters.get("overrides") or ()
+        spec = (
+            given.spec
+            if isinstance(given, RunSession)
+            else resolve_spec(given, overrides=overrides)
+        )
         return f"{spec.name} · {spec.model.model or spec.model.function or spec.model.provider}"
     except Exception:
         return "evaluate"
@@ -52,6 +58,7 @@ def evaluate_run_name() -> str:
     persist_result=False,
     validate_parameters=False,
 )
+@fail_with_reason  # the state message is the error's text (shardeval.flow_failure)
 def evaluate(
     spec: str | dict[str, Any] | RunSession,
     output: str | None = None,
@@ -64,6 +71,7 @@ def evaluate(
     wait: bool = False,
     task_runner: str = "threads",
     dask_address: str | None = None,
+    overrides: list[str] | None = None,
     baseline: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on a dataset, resuming whatever a previous attempt finished.
@@ -84,6 +92,8 @@ def evaluate(
             (worker processes of a local Dask cluster, or of ``dask_address``; needs the
             ``[dask]`` extra and a Prefect server). See docs/distributed.md.
         dask_address: an existing Dask scheduler, e.g. ``tcp://10.0.0.5:8786``.
+        overrides: ``FIELD=VALUE`` spec overrides (the CLI's ``--set``/``--model``), e.g.
+            ``["model.model=gpt-4o", "model.params.temperature=0.7"]``.
         baseline: compare the complete run with ``previous`` (the latest complete earlier run
             of the same eval), ``tag:NAME`` or a run id; the comparison is stored as
             comparison.json, published as an artifact, and a regression emits the event
@@ -104,12 +114,16 @@ def evaluate(
         concurrency=concurrency,
         # Only a deployment run gets a run per flow run; a direct call resumes like the CLI.
         flow_run_id=str(flow_run.id) if deployment.id else None,
+        overrides=overrides or (),
     )
     prefect_limit_mode(session.spec.model)  # a missing model.prefect_limit fails here
     progress = session.progress
     with (
         interrupt.graceful_signal(
-            signal.SIGTERM, session.spec.grace_period_s, defer=prefect_runner_signalled
+            signal.SIGTERM,
+            session.spec.grace_period_s,
+            session.run_id,
+            defer=prefect_runner_signalled,
         ),
         session.attempt(wait=wait) as found,
     ):

@@ -114,6 +114,7 @@ def run(
         concurrency=concurrency,
     )
     if session.answer_from_storage() is None:
+        session.preflight()
         quiet_prefect()
         run_evaluate(session, wait=wait, task_runner=runner_kind, dask_address=dask_address)
     return Run(session.store)

@@ -25,6 +25,7 @@ from shardeval.judging import Judgements, judge_metrics, load_judgements, with_j
 from shardeval.metrics import Metric, score_row, summarize
 from shardeval.metrics.trials import bootstrap_ci95, item_means, trial_statistics
 from shardeval.planning import RunPlan
+from shardeval.prompts import PromptRenderer
 from shardeval.results import RESULT_BASE_FIELDS, conform, results_schema
 from shardeval.storage import RunStore
 
@@ -99,11 +100,16 @@ def finalize(
     score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})
     schema = results_schema(score_columns)
     conformed = [_conform_result(chunk, schema) for chunk in chunks]
+    targets = {f"target_{m.name}": m.target_field for m in metrics if m.target_field}
+    file_schema = results_schema(score_columns, list(targets))
+    texts = _TextColumns(plan, targets)
 
     def write_results() -> None:
-        with store.open_table_writer(store.results_path, schema) as writer:
-            for chunk in conformed:
-                writer.write_table(chunk)
+        # Prompts and targets are rendered per chunk as it is written, not held for the run.
+        with store.open_table_writer(store.results_path, file_schema) as writer:
+            for batch, chunk in zip(plan.batches, conformed, strict=True):
+                rows = plan.rows.slice(batch.start, batch.stop - batch.start)
+                writer.write_table(texts.add(chunk, rows, file_schema))
 
     # The previous metrics.json goes to history/ while results.parquet is written; the new
     # metrics.json is written only after both (its presence means the run is complete).
@@ -125,6 +131,37 @@ def finalize(
     store.write_json(store.metrics_path, summary)
     store.tidy()
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))
+
+
+class _TextColumns:
+    """``prompt`` (the rendered last user message) and ``target_<metric>`` for a chunk.
+
+    Targets are the dataset's field as text, the way metrics compare them (``7`` and ``"7"``
+    are the same target), null where the item lacks the field.
+    """
+
+    def __init__(self, plan: RunPlan, targets: dict[str, str]) -> None:
+        self._plan = plan
+        self._targets = targets
+        self._renderer = PromptRenderer(plan.spec.prompt)
+
+    def add(self, chunk: pa.Table, rows: pa.Table, schema: pa.Schema) -> pa.Table:
+        item_indices = rows.column("item_index").to_pylist()
+        item_ids = rows.column("item_id").to_pylist()
+        first = item_indices[0]
+        items = self._plan.dataset.items(first, item_indices[-1] + 1)
+        prompts: dict[int, str | None] = {}
+        for index, item_id in zip(item_indices, item_ids, strict=True):
+            if index not in prompts:
+                messages = self._renderer.render(items[index - first], item_id)
+                user = [m["content"] for m in messages if m["role"] == "user"]
+                prompts[index] = user[-1] if user else None
+        columns = {name: chunk.column(name) for name in chunk.column_names}
+        columns["prompt"] = pa.array([prompts[i] for i in item_indices], pa.string())
+        for column, target in self._targets.items():
+            values = [items[i - first].get(target) for i in item_indices]
+            columns[column] = pa.array([None if v is None else str(v) for v in values], pa.string())
+        return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
 def keep_history(store: RunStore) -> None:

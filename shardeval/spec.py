@@ -82,6 +82,11 @@ class ModelSpec(_Strict):
     """Retries of a transient failure (timeout, 429, 5xx, connection) before giving up."""
     prefect_limit: str | None = None
     """Optional Prefect global concurrency limit that throttles requests across processes."""
+    unreachable_after_s: float = Field(default=30.0, gt=0)
+    """Stop the run (exit 1, resumable) when every request has failed to connect for this long.
+
+    Not part of the fingerprint (it says how long to wait for an endpoint, not which model).
+    """
     pricing: PricingSpec | None = None
     """Price of this model's tokens; without it the pinned table may price a known model name,
     otherwise cost is unknown (null, never 0). Not part of the fingerprint: a price change

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shardeval.batch_requests import duplicate_keys
+from shardeval.finality import drop_auth_rows, has_auth_rows, is_final, summary_has_auth_errors
 from shardeval.journal import is_journal, read_journal, with_journals
 from shardeval.planning import PlanDiff, RunPlan, diff_plans
 from shardeval.storage import RunStore
@@ -39,14 +40,18 @@ class Survey:
 def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Survey:
     """Compare the plan with what is stored (see the module docstring)."""
     result = Survey()
-    committed_files, parts, previous = store.gather(
+    committed_files, parts, previous, summary, attempt = store.gather(
         store.list_batches,
         store.list_parts,
         lambda: store.read_table(store.plan_path, columns=["item_id", "item_key"]),
+        lambda: store.read_json(store.metrics_path),
+        lambda: store.read_json(store.spec_path),
     )
     parts = with_journals(store, parts)
     plan_keys = {b.key for b in plan.batches}
     result.committed = plan_keys & committed_files
+    if summary_has_auth_errors(summary):
+        _reopen_auth_batches(store, result)
 
     elsewhere = stored_elsewhere(store, plan_keys, committed_files, parts)
     own_parts = {
@@ -67,7 +72,8 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
             result.done_rows += batch.stop - batch.start
             continue
         keys = row_keys.slice(batch.start, batch.stop - batch.start).to_pylist()
-        reuse: dict[str, list[str]] = {}
+        reuse: dict[str, list[str]] = result.reuse.get(batch.key, {})
+        result.done_rows += sum(len(found) for found in reuse.values())
         own = own_part_keys.get(batch.key, set())
         for key in keys:
             if key in own:
@@ -86,8 +92,29 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
                 result.error_batches.add(key)
 
     if previous is not None:
-        result.diff = diff_plans(previous, plan.rows)
+        previous_limit = attempt.get("limit") if isinstance(attempt, dict) else None
+        result.diff = diff_plans(
+            previous,
+            plan.rows,
+            previous_limit=previous_limit if isinstance(previous_limit, int) else None,
+            limit=plan.limit,
+        )
     return result
+
+
+def _reopen_auth_batches(store: RunStore, result: Survey) -> None:
+    """Committed batches holding 401/403 rows (an earlier version stored them) run again.
+
+    Their other rows are reused from the committed file, so only the rejected items are sent.
+    Only looked for when metrics.json counted such errors (a resume reads no batch otherwise).
+    """
+    keys = sorted(result.committed)
+    paths = [store.batch_path(key) for key in keys]
+    tables = store.read_tables(paths, columns=["item_key", "status", "http_status"])
+    for key, path, table in zip(keys, paths, tables, strict=True):
+        if table is not None and has_auth_rows(table):
+            result.committed.discard(key)
+            result.reuse[key] = {path: drop_auth_rows(table).column("item_key").to_pylist()}
 
 
 def stored_elsewhere(
@@ -129,7 +156,7 @@ def _index(store: RunStore, paths: list[str]) -> dict[str, dict[str, str]]:
     time (a resume with hundreds of parts is a few round trips, not hundreds).
     """
     found: dict[str, dict[str, str]] = {}
-    columns = ["item_key", "status"]
+    columns = ["item_key", "status", "http_status"]
     parquet = [p for p in paths if not is_journal(p)]
     tables = dict(zip(parquet, store.read_tables(parquet, columns=columns), strict=True))
     for path in paths:
@@ -137,10 +164,13 @@ def _index(store: RunStore, paths: list[str]) -> dict[str, dict[str, str]]:
         if table is None:
             continue
         final: dict[str, str] = {}
-        for key, status in zip(
-            table.column("item_key").to_pylist(), table.column("status").to_pylist(), strict=True
+        for key, status, http_status in zip(
+            table.column("item_key").to_pylist(),
+            table.column("status").to_pylist(),
+            table.column("http_status").to_pylist(),
+            strict=True,
         ):
-            if status in ("ok", "error") and final.get(key) != "ok":
+            if is_final(status, http_status) and final.get(key) != "ok":
                 final[key] = status
         found[path] = final
     return found
