@@ -9,6 +9,9 @@ concurrency (64 and 256 by default) and each repeat, it runs, interleaved, in on
 and times both request phases from the server's own timestamps (first request to last
 answer, :mod:`shardeval.testing.server_stats`). It prints one JSON line per run and one
 summary per concurrency: the median ratio shardeval / bare (1.0 = as fast as the bare client).
+``ideal_ratio`` is shardeval's request phase over N x latency / concurrency: with
+``--latency 0.1 --items 6000 --batch-size 200 --concurrency 64`` that is issue 12's second
+target (<= 1.15).
 The machine's load average is printed with every figure: the ratios, not the absolute
 times, are what compares across loads.
 
@@ -135,6 +138,10 @@ def main() -> None:
                             "shardeval_req_per_s": round(args.items / ours["request_phase_s"]),
                             "shardeval_requests": ours["requests"],
                             "ratio": round(ratio, 2),
+                            "ideal_ratio": round(
+                                ours["request_phase_s"] / (args.items * args.latency / concurrency),
+                                2,
+                            ),
                             "load_average": round(os.getloadavg()[0], 1),
                         }
                     ),

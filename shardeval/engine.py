@@ -186,6 +186,18 @@ class _Slots:
         self._free += 1
 
 
+def _deliver(key: str, on_done: Callable[[Outcome], None], future: asyncio.Future[Outcome]) -> None:
+    """Hand a request's outcome to its batch (a stop that abandoned it: ``cancelled``)."""
+    if future.cancelled():
+        outcome = Outcome(key=key, status="cancelled", error="stopped by a signal")
+    elif future.exception() is not None:  # pragma: no cover - _run returns every failure
+        error = future.exception()
+        outcome = Outcome(key=key, status="transient", error=f"{type(error).__name__}: {error}")
+    else:
+        outcome = future.result()
+    on_done(outcome)
+
+
 class Engine:
     """Sends requests for one run through one provider, at most ``concurrency`` at a time."""
 
@@ -282,25 +294,23 @@ class Engine:
         on_done: Callable[[Outcome], None],
         shared: AbstractSet[str],
     ) -> None:
-        def deliver(key: str, future: asyncio.Future[Outcome]) -> None:
-            if future.cancelled():
-                on_done(Outcome(key=key, status="cancelled", error="engine closed"))
-            else:
-                on_done(future.result())
-
         for position, request in enumerate(requests):
             future = self._answers.get(request.key)
             if future is None:
-                future = asyncio.ensure_future(self._track(request, (batch, position)))
-                self._answers[request.key] = future
-                future.add_done_callback(
+                # One task per request (what :meth:`_track` does with two): tracked in
+                # ``_inflight`` so that a stop's grace period can abandon it.
+                task = asyncio.ensure_future(self._run(request, (batch, position)))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+                self._answers[request.key] = future = task
+                task.add_done_callback(
                     functools.partial(self._settle, request.key, request.key in shared)
                 )
-            future.add_done_callback(functools.partial(deliver, request.key))
+            future.add_done_callback(functools.partial(_deliver, request.key, on_done))
 
     def _settle(self, key: str, keep: bool, future: asyncio.Future[Outcome]) -> None:
         """Forget a finished request unless its final answer serves other batches later."""
-        final = not future.cancelled() and future.result().is_final
+        final = not future.cancelled() and future.exception() is None and future.result().is_final
         if not (keep and final) and self._answers.get(key) is future:
             del self._answers[key]
 
