@@ -301,18 +301,26 @@ class Engine:
                 # ``_inflight`` so that a stop's grace period can abandon it.
                 task = asyncio.ensure_future(self._run(request, (batch, position)))
                 self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-                self._answers[request.key] = future = task
+                self._answers[request.key] = task
                 task.add_done_callback(
-                    functools.partial(self._settle, request.key, request.key in shared)
+                    functools.partial(self._settle, request.key, request.key in shared, on_done)
                 )
-            future.add_done_callback(functools.partial(_deliver, request.key, on_done))
+            else:  # the same request, asked by another row: that answer serves both
+                future.add_done_callback(functools.partial(_deliver, request.key, on_done))
 
-    def _settle(self, key: str, keep: bool, future: asyncio.Future[Outcome]) -> None:
-        """Forget a finished request unless its final answer serves other batches later."""
-        final = not future.cancelled() and future.exception() is None and future.result().is_final
-        if not (keep and final) and self._answers.get(key) is future:
+    def _settle(
+        self,
+        key: str,
+        keep: bool,
+        on_done: Callable[[Outcome], None],
+        task: asyncio.Future[Outcome],
+    ) -> None:
+        """A request ended: deliver it; forget it unless its answer serves other rows later."""
+        self._inflight.discard(task)
+        final = not task.cancelled() and task.exception() is None and task.result().is_final
+        if not (keep and final) and self._answers.get(key) is task:
             del self._answers[key]
+        _deliver(key, on_done, task)
 
     async def _track(self, request: ProviderRequest, priority: tuple[int, int]) -> Outcome:
         task = asyncio.ensure_future(self._run(request, priority))

@@ -80,32 +80,44 @@ class Journal:
 
     def append(self, outcome: Outcome, item_id: str | None, trial: int | None) -> None:
         """Write one final outcome as one line, in one system call (raises OSError)."""
+        self.append_many([(outcome, item_id, trial)])
+
+    def append_many(self, rows: Sequence[tuple[Outcome, str | None, int | None]]) -> None:
+        """Write the outcomes that have arrived, one line each, in one system call.
+
+        The batch's thread calls this with every answer it has taken off the engine's queue
+        at once (usually one; several when answers arrive faster than it wakes up): no answer
+        waits for another to be written.
+        """
         fd = self._open()
-        line = json.dumps(
-            [
-                outcome.key,
-                item_id,
-                trial,
-                outcome.status,
-                outcome.error,
-                outcome.error_kind,
-                outcome.http_status,
-                outcome.response,
-                outcome.latency_s,
-                outcome.prompt_tokens,
-                outcome.completion_tokens,
-                outcome.finish_reason,
-                outcome.attempts,
-                outcome.finished_at,
-            ],
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
-        data = (line + "\n").encode("utf-8")
+        data = "".join(
+            json.dumps(
+                [
+                    outcome.key,
+                    item_id,
+                    trial,
+                    outcome.status,
+                    outcome.error,
+                    outcome.error_kind,
+                    outcome.http_status,
+                    outcome.response,
+                    outcome.latency_s,
+                    outcome.prompt_tokens,
+                    outcome.completion_tokens,
+                    outcome.finish_reason,
+                    outcome.attempts,
+                    outcome.finished_at,
+                ],
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+            + "\n"
+            for outcome, item_id, trial in rows
+        ).encode("utf-8")
         written = os.write(fd, data)
         if written != len(data):  # a full disk can cut a write short: that line is torn
             raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes)")
-        self.rows += 1
+        self.rows += len(rows)
 
     def close(self) -> None:
         """Close the file (its content stays until the batch commits)."""

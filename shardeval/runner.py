@@ -565,9 +565,11 @@ def _send(
 ) -> tuple[list[Outcome], list[Outcome]]:
     """Send every pending request; return (final outcomes, transient failures).
 
-    A final outcome goes to the journal as it arrives (local disk), else to the part flusher.
+    On local disk a final outcome is journaled by the engine's thread the moment it arrives
+    (:class:`_Journaling`), before this thread even wakes up; else it goes to the part flusher.
     """
-    done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    done: queue.SimpleQueue[tuple[Outcome, bool]] = queue.SimpleQueue()
+    journaling = _Journaling(journal, flusher.ids, flusher.trials, done, work.label)
     engine.submit_batch(
         [
             ProviderRequest(
@@ -576,16 +578,15 @@ def _send(
             for r in pending
         ],
         work.number,
-        done.put,
+        journaling.on_done,
         shared=work.shared,
     )
     final: list[Outcome] = []
     transient: list[Outcome] = []
-    ids, trials = flusher.ids, flusher.trials
     waiting = len(pending)
     while waiting:
         try:
-            outcome = done.get(timeout=work.flush_every_s / 2)
+            outcome, journaled = done.get(timeout=work.flush_every_s / 2)
         except queue.Empty:
             if flusher.due():
                 flusher.flush_soon()
@@ -594,17 +595,45 @@ def _send(
         progress.finished(outcome.status, outcome.error_kind, work.key)
         if outcome.is_final:
             final.append(outcome)
-            if journal is not None:
-                try:
-                    journal.append(outcome, ids.get(outcome.key), trials.get(outcome.key))
-                    continue
-                except OSError as exc:  # e.g. a full disk: from now on, parts as before
-                    logger.warning("%s: cannot append to %s: %s", work.label, journal.path, exc)
-                    journal.close()
-                    journal = None
-            flusher.add(outcome)
+            if not journaled:
+                flusher.add(outcome)
         elif outcome.status == "transient":
             transient.append(outcome)
         if flusher.due():
             flusher.flush_soon()
     return final, transient
+
+
+class _Journaling:
+    """Journals final outcomes on the engine's thread, then hands them to the batch's thread.
+
+    Writing on the thread that receives the answer closes the gap in which a kill would lose
+    an answer already received (a wake-up of the batch's thread takes milliseconds on a busy
+    machine). A write that fails (a full disk) turns the journal off for the batch: its
+    outcomes then go to the part flusher, whose failure handling stops the run.
+    """
+
+    def __init__(
+        self,
+        journal: Journal | None,
+        ids: dict[str, str],
+        trials: dict[str, int],
+        done: queue.SimpleQueue[tuple[Outcome, bool]],
+        label: str,
+    ) -> None:
+        self.journal = journal
+        self.ids, self.trials = ids, trials
+        self.done = done
+        self.label = label
+
+    def on_done(self, outcome: Outcome) -> None:
+        journal = self.journal
+        journaled = False
+        if journal is not None and outcome.is_final:
+            try:
+                journal.append(outcome, self.ids.get(outcome.key), self.trials.get(outcome.key))
+                journaled = True
+            except OSError as exc:
+                logger.warning("%s: cannot append to %s: %s", self.label, journal.path, exc)
+                self.journal = None
+        self.done.put((outcome, journaled))
