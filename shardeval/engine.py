@@ -47,7 +47,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from shardeval import interrupt
+from shardeval import budget, interrupt
 from shardeval.errors import (
     ConnectionFailedError,
     EndpointError,
@@ -336,6 +336,9 @@ class Engine:
                 attempts=attempts,
                 finished_at=time.time(),
             )
+        budget.charge(
+            self.run_id, self.model, completion.prompt_tokens, completion.completion_tokens
+        )
         return Outcome(
             key=request.key,
             status="ok",
