@@ -25,7 +25,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -36,8 +35,10 @@ from shardeval.hashing import digest
 from shardeval.locking import RunLock
 from shardeval.planning import cut_batches
 from shardeval.pricing import Price, price_for, row_costs
+from shardeval.results import conform_to, one_row_per_key
 from shardeval.spec import ModelSpec
 from shardeval.storage import RunStore
+from shardeval.storage.backend import parse_parquet
 
 COUNT_COLUMNS = ["item_key", "status", "error_kind", "prompt_tokens", "completion_tokens"]
 
@@ -226,7 +227,7 @@ def _plan_keys(store: RunStore) -> list[str] | None:
     if data is None:
         return None
     try:
-        table = pq.read_table(pa.BufferReader(data), columns=["item_key"])
+        table = parse_parquet(data, ["item_key"])
     except (pa.ArrowException, OSError, ValueError):
         return None
     return [str(k) for k in table.column("item_key").to_pylist()]
@@ -275,9 +276,7 @@ def _read_tables(
             status.unreadable.append(store.url_of(path))
             continue
         try:
-            pf = pq.ParquetFile(pa.BufferReader(data))
-            columns = [c for c in COUNT_COLUMNS if c in pf.schema_arrow.names]
-            table = pf.read(columns=columns)
+            table = parse_parquet(data, COUNT_COLUMNS, missing_ok=True)
         except (pa.ArrowException, OSError, ValueError):
             status.unreadable.append(store.url_of(path))
             continue
@@ -285,15 +284,14 @@ def _read_tables(
     return tables, vanished
 
 
+COUNT_SCHEMA = pa.schema(
+    [(name, pa.int64() if name.endswith("_tokens") else pa.string()) for name in COUNT_COLUMNS]
+)
+
+
 def _counted(table: pa.Table) -> pa.Table:
-    arrays = []
-    for name in COUNT_COLUMNS:
-        kind = pa.int64() if name.endswith("_tokens") else pa.string()
-        if name in table.column_names:
-            arrays.append(table.column(name).cast(kind))
-        else:
-            arrays.append(pa.nulls(table.num_rows, kind))
-    return pa.Table.from_arrays(arrays, names=COUNT_COLUMNS)
+    """The counted columns, typed alike across files (older files may lack some)."""
+    return conform_to(table, COUNT_SCHEMA)
 
 
 def _count(
@@ -307,12 +305,7 @@ def _count(
         return
     rows = pa.concat_tables(tables)
     rows = rows.filter(pc.is_in(rows.column("status"), value_set=pa.array(["ok", "error"])))
-    rank = pc.cast(pc.not_equal(rows.column("status"), "ok"), pa.int8())
-    rows = rows.append_column("rank", rank).sort_by(
-        [("item_key", "ascending"), ("rank", "ascending")]
-    )
-    unique = pc.unique(rows.column("item_key"))
-    best = rows.take(pc.index_in(unique, value_set=rows.column("item_key")))
+    best = one_row_per_key(rows)
     if plan_keys is not None:
         in_plan = pc.is_in(best.column("item_key"), value_set=pa.array(plan_keys, pa.string()))
         status.stored_outside_plan = best.num_rows - int(pc.sum(in_plan).as_py() or 0)

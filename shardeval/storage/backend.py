@@ -156,7 +156,7 @@ def read_parquet(path: str, columns: list[str] | None) -> pa.Table:
     return pq.read_table(path, columns=columns)
 
 
-def parse_parquet(data: bytes, columns: list[str] | None) -> pa.Table:
+def parse_parquet(data: bytes, columns: list[str] | None, *, missing_ok: bool = False) -> pa.Table:
     """Decode a Parquet file fetched whole, without a Python file object.
 
     pyarrow 26 makes the interpreter abort at exit in a share of the processes that read
@@ -168,12 +168,16 @@ def parse_parquet(data: bytes, columns: list[str] | None) -> pa.Table:
     a HEAD and ranged GETs per file) keeps object-store reads at one request a file.
 
     Raises:
-        ValueError: a column asked for is not in the file (as ``pq.read_table`` does).
+        ValueError: a column asked for is not in the file (as ``pq.read_table`` does), unless
+            ``missing_ok``: then only the columns the file has are read.
     """
     sink = pa.BufferOutputStream()
     sink.write(data)
     parquet = pq.ParquetFile(sink.getvalue())
-    missing = sorted(set(columns or ()) - set(parquet.schema_arrow.names))
+    names = parquet.schema_arrow.names
+    if missing_ok and columns is not None:
+        columns = [c for c in columns if c in names]
+    missing = sorted(set(columns or ()) - set(names))
     if missing:
         raise ValueError(f"no column {', '.join(missing)} in the file")
     return parquet.read(columns=columns)
