@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardeval.pricing import Price, model_label, price_for, row_costs
+from shardeval.results import one_row_per_key
 from shardeval.storage import RunStore
 
 if TYPE_CHECKING:
@@ -177,12 +178,7 @@ def judge_tallies(
 def _one_row_per_key(table: pa.Table, keys: set[str]) -> pa.Table:
     """The used judgements, each once (a judgement can be stored in two batch files)."""
     table = table.filter(pc.is_in(table.column("item_key"), value_set=pa.array(sorted(keys))))
-    rank = pc.cast(pc.not_equal(table.column("status"), "ok"), pa.int8())
-    table = table.append_column("rank", rank).sort_by(
-        [("item_key", "ascending"), ("rank", "ascending")]
-    )
-    unique = pc.unique(table.column("item_key"))
-    return table.take(pc.index_in(unique, value_set=table.column("item_key")))
+    return one_row_per_key(table)
 
 
 def cost_summary(parts: list[CostTally]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from shardeval.metrics import Metric, score_row, summarize
 from shardeval.metrics.trials import bootstrap_ci95, item_means, trial_statistics
 from shardeval.planning import RunPlan
 from shardeval.prompts import PromptRenderer
-from shardeval.results import RESULT_BASE_FIELDS, conform, results_schema
+from shardeval.results import RESULT_BASE_FIELDS, conform, conform_to, results_schema
 from shardeval.storage import RunStore
 
 
@@ -99,7 +99,7 @@ def finalize(
         groups.extend(chunk_groups)
     score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})
     schema = results_schema(score_columns)
-    conformed = [_conform_result(chunk, schema) for chunk in chunks]
+    conformed = [conform_to(chunk, schema) for chunk in chunks]
     targets = {f"target_{m.name}": m.target_field for m in metrics if m.target_field}
     file_schema = results_schema(score_columns, list(targets))
     texts = _TextColumns(plan, targets)
@@ -259,16 +259,6 @@ def _by_group(table: pa.Table, groups: list[str], score_columns: list[str]) -> d
             },
         }
     return out
-
-
-def _conform_result(chunk: pa.Table, schema: pa.Schema) -> pa.Table:
-    arrays = [
-        chunk.column(f.name).cast(f.type)
-        if f.name in chunk.column_names
-        else pa.nulls(chunk.num_rows, f.type)
-        for f in schema
-    ]
-    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _int_sum(table: pa.Table, column: str) -> int:

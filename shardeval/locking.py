@@ -25,7 +25,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shardeval import interrupt
-from shardeval.errors import RunInterrupted, RunLockedError, SpecError
+from shardeval.envvars import env_number
+from shardeval.errors import RunInterrupted, RunLockedError
+from shardeval.processes import pid_alive
 from shardeval.storage import RunStore
 
 DEFAULT_LEASE_S = 60.0
@@ -38,29 +40,11 @@ after that another process may take the run over, and a request sent then could 
 
 def default_lease_s() -> float:
     """``SHARDEVAL_LEASE_S`` if set (at least 1 s), else 60 s."""
-    raw = os.environ.get(LEASE_ENV, "").strip()
-    try:
-        value = float(raw) if raw else DEFAULT_LEASE_S
-    except ValueError:
-        value = 0.0
-    if value < 1.0:
-        raise SpecError(f"{LEASE_ENV}={raw!r}: expected seconds, at least 1")
-    return value
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return env_number(LEASE_ENV, float, minimum=1.0, default=DEFAULT_LEASE_S)
 
 
 class RunLock:
-    """The lease of one run. Use as a context manager."""
+    """The lease of one run (:meth:`RunSession.lease` holds it for an attempt)."""
 
     def __init__(self, store: RunStore, *, lease_s: float | None = None) -> None:
         self.store = store
@@ -223,10 +207,3 @@ class RunLock:
                 self.store.delete([self.path])
         except Exception:  # the lease expires by itself if the store is down
             pass
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -32,6 +32,7 @@ import sys
 import threading
 from typing import Any
 
+from shardeval.envvars import env_number
 from shardeval.errors import StorageError
 
 RETRIES_ENV = "SHARDEVAL_STORAGE_RETRIES"
@@ -104,13 +105,13 @@ def filesystem_options(protocol: str, options: dict[str, Any] | None) -> dict[st
     # files are small, so one GET each (uploads pass their own concurrency).
     merged.setdefault("max_concurrency", 1)
     config = dict(merged.get("config_kwargs") or {})
-    retries = _env_number(RETRIES_ENV, int, minimum=0)
+    retries = env_number(RETRIES_ENV, int, minimum=0, error=StorageError)
     botocore_env = os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")
     if retries is None and not botocore_env:
         retries = DEFAULT_RETRIES
     if retries is not None:
         config.setdefault("retries", {"total_max_attempts": retries + 1, "mode": "standard"})
-    timeout = _env_number(TIMEOUT_ENV, float, minimum=0.001)
+    timeout = env_number(TIMEOUT_ENV, float, minimum=0.001, error=StorageError)
     if timeout is not None:
         config.setdefault("connect_timeout", timeout)
         config.setdefault("read_timeout", timeout)
@@ -136,22 +137,6 @@ def tune_filesystem(fs: Any, protocol: str) -> None:
 
 def _drop_expect_header(params: dict[str, Any], **kwargs: Any) -> None:
     params.get("headers", {}).pop("Expect", None)
-
-
-def _env_number(name: str, kind: type[int] | type[float], *, minimum: float) -> Any:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return None
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise StorageError(
-            f"{name}={text!r} is not a valid setting",
-            hint=f"set {name} to a number >= {minimum:g}, or unset it",
-        )
-    return value
 
 
 # ------------------------------------------------------------------------- Prefect blocks

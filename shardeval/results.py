@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shardeval.engine import Outcome
 
@@ -98,10 +99,38 @@ _OUTCOME_FIELDS = [f.name for f in GENERATION_FIELDS[3:]]
 
 def conform(table: pa.Table) -> pa.Table:
     """A stored generation table in the current schema (older files may lack a column)."""
-    arrays = []
-    for field in GENERATION_FIELDS:
-        if field.name in table.column_names:
-            arrays.append(table.column(field.name).cast(field.type))
-        else:
-            arrays.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(arrays, schema=GENERATION_SCHEMA)
+    return conform_to(table, GENERATION_SCHEMA)
+
+
+def conform_to(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns: cast, and null where a column is missing.
+
+    Files written by older versions lack newer columns, and a column that was all null in one
+    file has type ``null`` there: tables must agree before they are concatenated.
+    """
+    arrays = [
+        table.column(field.name).cast(field.type)
+        if field.name in table.column_names
+        else pa.nulls(table.num_rows, field.type)
+        for field in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def one_row_per_key(table: pa.Table) -> pa.Table:
+    """One row per ``item_key``: an ok row wins over an error, then the latest row wins.
+
+    Rows of one key come from several stored files (parts, older batch files, a retry); a
+    key answered once stays answered. The rows kept stay in their order in ``table``.
+    """
+    if table.num_rows == 0:
+        return table
+    position = pa.array(range(table.num_rows), pa.int64())
+    not_ok = pc.cast(pc.not_equal(table.column("status"), "ok"), pa.int8())
+    ranked = pa.table({"key": table.column("item_key"), "not_ok": not_ok, "position": position})
+    ranked = ranked.sort_by(
+        [("key", "ascending"), ("not_ok", "ascending"), ("position", "descending")]
+    )
+    keys = ranked.column("key")
+    chosen = ranked.column("position").take(pc.index_in(pc.unique(keys), value_set=keys))
+    return table.take(chosen.take(pc.sort_indices(chosen)))

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import logging
-import os
-import posixpath
 import queue
 import secrets
 import threading
@@ -37,14 +34,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from shardeval import interrupt
 from shardeval.engine import Engine, Outcome
 from shardeval.errors import (
     RunInterrupted,
     ShardevalError,
-    StorageError,
     TransientProviderError,
 )
 from shardeval.finality import drop_auth_rows, has_auth_rows
@@ -53,9 +48,9 @@ from shardeval.objectstore import describe_error
 from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress, progress_for
 from shardeval.providers.base import ProviderRequest
-from shardeval.results import GENERATION_SCHEMA, conform, outcomes_table
+from shardeval.results import GENERATION_SCHEMA, conform, one_row_per_key, outcomes_table
 from shardeval.spec import ModelSpec
-from shardeval.storage import PARQUET_COMPRESSION, RunStore
+from shardeval.storage import RunStore
 
 logger = logging.getLogger("shardeval.runner")
 
@@ -301,27 +296,13 @@ def _stored_rows(
         tables.append(table.filter(mask))
     if not tables:
         return GENERATION_SCHEMA.empty_table(), read_parts
-    return _last_per_key(pa.concat_tables(tables)), read_parts
-
-
-def _last_per_key(table: pa.Table) -> pa.Table:
-    """Keep one row per item key, preferring an ok row, then the latest."""
-    if table.num_rows == 0:
-        return table
-    best: dict[str, int] = {}
-    keys = table.column("item_key").to_pylist()
-    statuses = table.column("status").to_pylist()
-    for index, (key, status) in enumerate(zip(keys, statuses, strict=True)):
-        previous = best.get(key)
-        if previous is None or status == "ok" or statuses[previous] != "ok":
-            best[key] = index
-    return table.take(sorted(best.values()))
+    return one_row_per_key(pa.concat_tables(tables)), read_parts
 
 
 def _merge(stored: pa.Table, fresh: pa.Table | None, order: list[str]) -> pa.Table:
     """Stored and fresh rows, one per key, in the batch's order."""
     tables = [stored] + ([fresh] if fresh is not None else [])
-    merged = _last_per_key(pa.concat_tables(tables))
+    merged = one_row_per_key(pa.concat_tables(tables))
     position = {key: i for i, key in enumerate(merged.column("item_key").to_pylist())}
     missing = [k for k in order if k not in position]
     if missing:  # pragma: no cover - guarded by the caller; a bug if it happens
@@ -460,12 +441,12 @@ class _PartFlusher:
             name = f"{time.time_ns():020d}-{self.token}-{self._sequence:05d}.parquet"
             self._sequence += 1
             self._writing += 1
-        return self.store.path("parts", self.work.key, name), rows
+        return self.store.part_path(self.work.key, name), rows
 
     def write(self, path: str, rows: list[Outcome]) -> None:
         """Write a part :meth:`cut` named; on failure its rows go back to the buffer."""
         try:
-            _write_part(self.store, path, outcomes_table(rows, self.ids, self.trials))
+            self.store.write_part(path, outcomes_table(rows, self.ids, self.trials))
         except BaseException:
             with self._lock:
                 self.buffer = rows + self.buffer
@@ -522,37 +503,6 @@ class _PartFlusher:
     def close(self) -> None:
         """Leave the run's window (the buffer is empty by now, or abandoned on an error)."""
         self.window.unregister(self)
-
-
-def _write_part(store: RunStore, path: str, table: pa.Table) -> None:
-    """Write one part so that it survives the death of this process, without fsync.
-
-    Parts are written at every flush window and are provisional: the batch file (written with
-    fsync) takes their rows over and then they are removed. Surviving a killed process only
-    takes an atomic rename, because the page cache outlives the process. fsync guards against
-    a machine crash, which could leave a renamed part empty or torn; such a part fails to
-    parse, is set aside and its items are recomputed, like any damaged file. The two fsyncs
-    made a flush take ~20 ms here (300 ms under load), and every result that finished meanwhile
-    was at risk; without them a flush takes ~1-2 ms. Object stores: one PUT, whole or absent.
-    """
-    if not store.is_local:
-        store.write_table(path, table)
-        return
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
-    tmp = store.path(".tmp", f"{posixpath.basename(path)}.{secrets.token_hex(6)}")
-    os.makedirs(posixpath.dirname(tmp), exist_ok=True)
-    os.makedirs(posixpath.dirname(path), exist_ok=True)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(sink.getvalue())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise StorageError(
-            f"storage failed to write {store.url_of(path)}: {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 def _send(

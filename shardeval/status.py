@@ -25,7 +25,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -33,11 +32,14 @@ from rich.text import Text
 from shardeval.catalog import not_found
 from shardeval.finalize import is_current
 from shardeval.hashing import digest
+from shardeval.journal import is_journal, read_journal, with_journals
 from shardeval.locking import RunLock
 from shardeval.planning import cut_batches
 from shardeval.pricing import Price, price_for, row_costs
+from shardeval.results import conform_to, one_row_per_key
 from shardeval.spec import ModelSpec
 from shardeval.storage import RunStore
+from shardeval.storage.backend import parse_parquet
 
 COUNT_COLUMNS = ["item_key", "status", "error_kind", "prompt_tokens", "completion_tokens"]
 
@@ -151,7 +153,7 @@ def read_status(
         raise not_found(output, run_id)
     status = RunStatus(run_id=run_id, url=store.url())
 
-    parts = store.list_parts()
+    parts = with_journals(store, store.list_parts())  # journals: local disk's parts
     committed = store.list_batches()
     quarantined = store._list(store.path("quarantine"))
     status.list_calls = 3
@@ -226,7 +228,7 @@ def _plan_keys(store: RunStore) -> list[str] | None:
     if data is None:
         return None
     try:
-        table = pq.read_table(pa.BufferReader(data), columns=["item_key"])
+        table = parse_parquet(data, ["item_key"])
     except (pa.ArrowException, OSError, ValueError):
         return None
     return [str(k) for k in table.column("item_key").to_pylist()]
@@ -256,16 +258,23 @@ def _read_tables(
     store: RunStore, paths: list[str], status: RunStatus
 ) -> tuple[list[pa.Table], bool]:
     """Decode the counted columns of every file; (tables, whether a listed file vanished)."""
+    tables = []
+    vanished = False
+    for path in [p for p in paths if is_journal(p)]:
+        journal = read_journal(path, COUNT_COLUMNS)
+        if journal is None:
+            vanished = True
+        else:
+            tables.append(_counted(journal))
+    paths = [p for p in paths if not is_journal(p)]
     if not paths:
-        return [], False
+        return tables, vanished
     try:
         blobs = store.fs.cat(paths, on_error="return")
     except FileNotFoundError:
         blobs = {}
     if not isinstance(blobs, dict):  # a single path comes back as bytes
         blobs = {paths[0]: blobs}
-    tables = []
-    vanished = False
     for path in paths:
         data = blobs.get(path) if path in blobs else blobs.get(store.url_of(path))
         if data is None or isinstance(data, FileNotFoundError):
@@ -275,9 +284,7 @@ def _read_tables(
             status.unreadable.append(store.url_of(path))
             continue
         try:
-            pf = pq.ParquetFile(pa.BufferReader(data))
-            columns = [c for c in COUNT_COLUMNS if c in pf.schema_arrow.names]
-            table = pf.read(columns=columns)
+            table = parse_parquet(data, COUNT_COLUMNS, missing_ok=True)
         except (pa.ArrowException, OSError, ValueError):
             status.unreadable.append(store.url_of(path))
             continue
@@ -285,15 +292,14 @@ def _read_tables(
     return tables, vanished
 
 
+COUNT_SCHEMA = pa.schema(
+    [(name, pa.int64() if name.endswith("_tokens") else pa.string()) for name in COUNT_COLUMNS]
+)
+
+
 def _counted(table: pa.Table) -> pa.Table:
-    arrays = []
-    for name in COUNT_COLUMNS:
-        kind = pa.int64() if name.endswith("_tokens") else pa.string()
-        if name in table.column_names:
-            arrays.append(table.column(name).cast(kind))
-        else:
-            arrays.append(pa.nulls(table.num_rows, kind))
-    return pa.Table.from_arrays(arrays, names=COUNT_COLUMNS)
+    """The counted columns, typed alike across files (older files may lack some)."""
+    return conform_to(table, COUNT_SCHEMA)
 
 
 def _count(
@@ -307,12 +313,7 @@ def _count(
         return
     rows = pa.concat_tables(tables)
     rows = rows.filter(pc.is_in(rows.column("status"), value_set=pa.array(["ok", "error"])))
-    rank = pc.cast(pc.not_equal(rows.column("status"), "ok"), pa.int8())
-    rows = rows.append_column("rank", rank).sort_by(
-        [("item_key", "ascending"), ("rank", "ascending")]
-    )
-    unique = pc.unique(rows.column("item_key"))
-    best = rows.take(pc.index_in(unique, value_set=rows.column("item_key")))
+    best = one_row_per_key(rows)
     if plan_keys is not None:
         in_plan = pc.is_in(best.column("item_key"), value_set=pa.array(plan_keys, pa.string()))
         status.stored_outside_plan = best.num_rows - int(pc.sum(in_plan).as_py() or 0)

@@ -23,6 +23,7 @@ import importlib.util
 import os
 from typing import Any, Literal
 
+from shardeval.envvars import env_number
 from shardeval.errors import SpecError
 
 TaskRunnerKind = Literal["threads", "dask"]
@@ -85,16 +86,7 @@ def has_prefect_server() -> bool:
 
 
 def _positive_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise SpecError(f"{name}={raw!r}: expected a whole number of at least 1")
-    return value
+    return env_number(name, int, minimum=1, default=default)
 
 
 def dask_workers() -> int:

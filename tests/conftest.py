@@ -4,6 +4,7 @@
 * ``prefect_api``: one real ``prefect server start`` per test session, for tests that start
   the CLI as a subprocess many times (each would otherwise start Prefect's temporary server).
 * ``run_cli``: runs ``python -m shardeval ...`` as a subprocess and returns the result.
+* S3 servers and buckets (``s3_backend``, ``bucket``): tests/s3/fixtures.py.
 
 A CLI run without ``PREFECT_API_URL`` starts shardeval's local Prefect server in
 ``SHARDEVAL_HOME``: the session points that at a temporary directory (so no test leaves a server
@@ -26,6 +27,9 @@ from shardeval.testing.server import ServerConfig, TestServer
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytest_plugins = ["tests.s3.fixtures"]
+"""The S3 servers (moto, SeaweedFS): used by tests/s3 and the store contract suite."""
 
 
 def pytest_configure(config: pytest.Config) -> None:

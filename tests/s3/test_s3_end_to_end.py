@@ -31,7 +31,7 @@ from shardeval.testing.server import TestServer, prompt_key
 from shardeval.validation import validate
 from tests.conftest import cli_env
 from tests.helpers.specs import arith_items, write_spec
-from tests.s3.conftest import count_s3_calls
+from tests.s3.fixtures import count_s3_calls
 from tests.s3.servers import ACCESS_KEY, SECRET_KEY, S3Backend, SeaweedBackend
 
 pytestmark = pytest.mark.slow
@@ -81,8 +81,8 @@ def run_root(backend: S3Backend, bucket: str) -> str:
 
 
 def read_results(backend: S3Backend, root: str) -> pa.Table:
-    with backend.filesystem().open(f"{root}/results.parquet", "rb") as handle:
-        return pq.read_table(handle)
+    # By path with the filesystem, never through a file object (pyarrow 26 aborts at exit).
+    return pq.read_table(f"{root}/results.parquet", filesystem=backend.filesystem())
 
 
 def assert_results_correct(results: pa.Table, n_items: int) -> None:
