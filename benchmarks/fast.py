@@ -93,6 +93,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL"))
+    parser.add_argument(
+        "--also",
+        metavar="CHECKOUT",
+        help="also run shardeval from this checkout (e.g. a worktree of the previous version), "
+        "interleaved, and print its ratio too",
+    )
     parser.add_argument("--bare", nargs=3, metavar=("URL", "ITEMS", "C"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -129,6 +135,13 @@ def main() -> None:
                 ours = timed_run(spec, server, env)
                 ratio = ours["request_phase_s"] / bare["request_phase_s"]
                 ratios.append(ratio)
+                other: dict[str, Any] = {}
+                if args.also:
+                    theirs = timed_run(spec, server, {**env, "PYTHONPATH": args.also}, "--fresh")
+                    other = {
+                        "also_req_per_s": round(args.items / theirs["request_phase_s"]),
+                        "also_ratio": round(theirs["request_phase_s"] / bare["request_phase_s"], 2),
+                    }
                 print(
                     json.dumps(
                         {
@@ -143,6 +156,7 @@ def main() -> None:
                                 2,
                             ),
                             "load_average": round(os.getloadavg()[0], 1),
+                            **other,
                         }
                     ),
                     flush=True,
