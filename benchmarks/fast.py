@@ -17,6 +17,11 @@ times, are what compares across loads.
 
     python benchmarks/fast.py [--items 20000] [--latency 0.001] [--concurrency 64,256]
                               [--batch-size 500] [--repeats 2] [--prefect-api URL]
+                              [--also CHECKOUT]
+
+``--also CHECKOUT`` runs ``shardeval`` from another checkout too (``PYTHONPATH=CHECKOUT``),
+interleaved with the others: a before/after in one run. Start the script from outside both
+checkouts (``cd /tmp``): ``python -m`` puts the working directory first on ``sys.path``.
 """
 
 from __future__ import annotations
