@@ -78,7 +78,24 @@ class AttemptStats:
 
 
 class RunSession:
-    """One attempt of one run (see the module docstring for the steps)."""
+    """One attempt of one run (see the module docstring for the steps).
+
+    ``__slots__`` also keeps Prefect from encoding a session handed to a flow as a parameter
+    attribute by attribute (its plan holds every row's key): with no ``__dict__`` the encoder
+    gives up at once and the flow run records ``<RunSession>``.
+    """
+
+    __slots__ = (
+        "_found",
+        "_judgements",
+        "_stored",
+        "new_run_reason",
+        "retry_failed",
+        "run_id",
+        "stats",
+        "store",
+        "validated",
+    )
 
     def __init__(
         self,
