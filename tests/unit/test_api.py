@@ -33,6 +33,7 @@ PUBLIC = [
     "load_spec",
     "open_run",
     "rescore",
+    "resume",
     "run",
 ]
 
