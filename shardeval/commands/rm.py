@@ -9,7 +9,7 @@ import typer
 
 from shardeval.commands.options import RunsOutputOpt, RunsSpecOpt
 from shardeval.display import err_console, out_console
-from shardeval.errors import EXIT_FAILED, SpecError
+from shardeval.errors import ShardevalError, SpecError
 
 
 def register(app: typer.Typer) -> None:
@@ -88,15 +88,18 @@ def rm(
                     hint="pass --yes to delete without asking",
                 )
             if not typer.confirm(question, default=False):
-                err_console.print("nothing deleted")
-                raise typer.Exit(1)
+                raise ShardevalError("not confirmed: nothing deleted")
         delete(where, removal)
         for run_id in removal.deleted:
             out_console.print(f"deleted {run_id}")
         for run_id, reason in removal.refused.items():
             err_console.print(f"[yellow]not deleted[/] {run_id}: {reason}")
-    if held or removal.refused:
-        raise typer.Exit(EXIT_FAILED)
+    refused = [c.run_id for c in held] + list(removal.refused)
+    if refused:
+        raise ShardevalError(
+            f"not deleted (held by a live process): {', '.join(refused)}",
+            hint="stop that process or wait for it to finish, then run rm again",
+        )
 
 
 def _plan_table(removal: Any) -> Any:
