@@ -200,7 +200,9 @@ def read_entries(output: str, run_ids: Iterable[str]) -> list[RunEntry]:
         store = stores[run_id]
         card = parse_card(blobs.get(store.path(CARD_FILE)))
         if card is None:
-            entries.append(legacy_entry(store))
+            legacy = legacy_entry(store)
+            if legacy is not None:
+                entries.append(legacy)
             continue
         status = decide_status(card)
         if status == "incomplete" and card.get("status") == "running":
@@ -212,8 +214,12 @@ def read_entries(output: str, run_ids: Iterable[str]) -> list[RunEntry]:
     return entries
 
 
-def legacy_entry(store: RunStore) -> RunEntry:
-    """A run without a card, described from spec.json, metrics.json, lock.json, tags.json."""
+def legacy_entry(store: RunStore) -> RunEntry | None:
+    """A run without a card, described from spec.json, metrics.json, lock.json, tags.json.
+
+    None when the directory holds none of them: what a store that keeps directories
+    (SeaweedFS) leaves after ``rm``, or a run that is just being created.
+    """
     spec_record, summary, tags = store.gather(
         lambda: _json(store.read_bytes(store.spec_path)),
         lambda: _json(store.read_bytes(store.metrics_path)),
@@ -221,6 +227,8 @@ def legacy_entry(store: RunStore) -> RunEntry:
     )
     lock = RunLock(store)
     holder = lock.holder()
+    if spec_record is None and summary is None and holder is None:
+        return None
     record = spec_record if isinstance(spec_record, dict) else {}
     recorded = record.get("spec")
     spec: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
