@@ -21,7 +21,7 @@ from shardeval.catalog import list_run_ids, not_found
 from shardeval.errors import RunLockedError
 from shardeval.locking import RunLock
 from shardeval.runcard import CARD_FILE, read_tags
-from shardeval.runlist import RunEntry, RunFilter, read_entries
+from shardeval.runlist import RunEntry, RunFilter, list_runs, read_entries
 from shardeval.storage import RunStore
 
 
@@ -68,8 +68,7 @@ def select(
             raise not_found(output, missing[0])
         chosen = read_entries(output, dict.fromkeys(run_ids))
     else:
-        entries = read_entries(output, existing)
-        chosen = [e for e in entries if run_filter is None or run_filter.matches(e)]
+        chosen = list_runs(output, run_filter)
     removal = Removal()
     for entry in chosen:
         store = RunStore(output, entry.run_id)

@@ -75,7 +75,7 @@ def runs_table(entries: list[Any]) -> Any:
     for column in ("eval", "model", "status", "done", "metric", "errors", "tokens"):
         table.add_column(column, justify="right" if column in ("done", "errors") else "left")
     table.add_column("started")
-    table.add_column("finished / held by")
+    table.add_column("finished/holder")
     table.add_column("tags")
     styles = {"complete": "green", "running": "cyan", "incomplete": "yellow"}
     for entry in entries:
@@ -89,8 +89,8 @@ def runs_table(entries: list[Any]) -> Any:
             _metric(card.get("main_metric")),
             _count(card.get("n_error")),
             _tokens(card.get("tokens")),
-            _when(card.get("started_at")),
-            _holder(entry) if entry.status == "running" else _when(card.get("finished_at")),
+            _short(card.get("started_at")),
+            _holder(entry) if entry.status == "running" else _short(card.get("finished_at")),
             ", ".join(entry.tags),
         )
     return table
@@ -106,11 +106,7 @@ def _done(card: dict[str, Any]) -> str:
 def _metric(metric: Any) -> str:
     if not isinstance(metric, dict) or metric.get("mean") is None:
         return ""
-    text = f"{metric.get('name')}={metric['mean']:.3f}"
-    ci = metric.get("ci95")
-    if isinstance(ci, list) and len(ci) == 2 and None not in ci:
-        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    return text
+    return f"{metric.get('name')}={metric['mean']:.3f}"  # the CI is in --json
 
 
 def _count(value: Any) -> str:
@@ -133,12 +129,17 @@ def _when(value: Any) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
 
 
+def _short(value: Any) -> str:
+    """``12-01 09:47`` (UTC): the table's columns stay narrow."""
+    return _when(value)[5:]
+
+
 def _holder(entry: Any) -> str:
     holder = entry.card.get("holder") or {}
-    text = f"{holder.get('host')} pid {holder.get('pid')}"
+    text = f"{holder.get('host')}:{holder.get('pid')}"
     from shardeval.runlist import parse_time
 
     beat = parse_time(entry.card.get("heartbeat_at"))
     if beat is not None:
-        text += f" ({(datetime.now(UTC) - beat).total_seconds():.0f}s ago)"
+        text += f" {(datetime.now(UTC) - beat).total_seconds():.0f}s ago"
     return text
