@@ -313,3 +313,29 @@ def test_an_old_run_without_a_card_is_resumable(tmp_path: Path) -> None:
     summary = run_without_prefect(resumed)
     assert summary["complete"] and summary["n_rows"] == 6
     assert list_runs(str(tmp_path / "out"))[0].status == "complete"
+
+
+def test_a_card_holds_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "sk-test-" + os.urandom(8).hex()
+    monkeypatch.setenv("SHARDEVAL_TEST_KEY", secret)
+    spec = write_spec(
+        tmp_path,
+        base_url="http://127.0.0.1:9/v1",
+        n_items=3,
+        output=str(tmp_path / "out"),
+        model={"api_key_env": "SHARDEVAL_TEST_KEY"},
+    )
+    session = RunSession.prepare(str(spec))
+    with session.lease(), CardKeeper(session):
+        written = (Path(session.store.root) / CARD_FILE).read_text()
+    assert secret not in written
+    assert secret not in (Path(session.store.root) / CARD_FILE).read_text()
+    assert json.loads(written)["provider"] == "openai"
+
+
+def test_dataset_urls_lose_their_credentials() -> None:
+    from shardeval.runcard import public_url
+
+    assert public_url("https://user:pw@host:8443/d.jsonl") == "https://host:8443/d.jsonl"
+    assert public_url("s3://bucket/d.jsonl") == "s3://bucket/d.jsonl"
+    assert public_url("/data/d.jsonl") == "/data/d.jsonl"
