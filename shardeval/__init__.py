@@ -28,9 +28,9 @@ from shardeval.errors import (
 from shardeval.spec import EvalSpec, load_spec
 
 if TYPE_CHECKING:
-    from shardeval.api import Run, open_run, rescore, resume, run
+    from shardeval.api import Run, compare, open_run, rescore, resume, run
 
-_API = ("Run", "open_run", "rescore", "resume", "run")
+_API = ("Run", "compare", "open_run", "rescore", "resume", "run")
 
 __all__ = [
     "DatasetError",
@@ -47,6 +47,7 @@ __all__ = [
     "StorageError",
     "TransientProviderError",
     "__version__",
+    "compare",
     "load_spec",
     "open_run",
     "rescore",

@@ -17,7 +17,7 @@ from typing import Any
 
 from shardeval.catalog import open_store
 from shardeval.errors import DatasetError, SpecError
-from shardeval.planning import diff_plans
+from shardeval.planning import PlanDiff, diff_plans
 from shardeval.session import RunSession
 from shardeval.spec import EvalSpec, resolve_relative
 from shardeval.storage import RunStore
@@ -58,9 +58,14 @@ def prepare_resume(
     allow_dataset_change: bool = False,
     limit: int | None = None,
 ) -> RunSession:
-    """A session that continues run ``run_id`` under ``output`` (raises exit-2 errors)."""
+    """A session that continues run ``run_id`` under ``output`` (raises exit-2 errors).
+
+    ``limit`` defaults to the last attempt's ``--limit``, as spec.json records it.
+    """
     store = open_store(output, run_id)
     spec, record = recorded_spec(store)
+    if limit is None and isinstance(record.get("limit"), int):
+        limit = record["limit"]  # the last attempt's --limit (spec.json records it)
     try:
         session = RunSession.prepare(
             spec, output=output, run_id=run_id, retry_failed=retry_failed, limit=limit
@@ -75,31 +80,43 @@ def prepare_resume(
     recorded = record.get("dataset_fingerprint")
     if recorded is None or session.validated.dataset.fingerprint == recorded:
         return session
+    previous_limit = record.get("limit") if isinstance(record.get("limit"), int) else None
+    diff = plan_diff(store, session, previous_limit, limit)
+    if limit != previous_limit and diff is not None and not diff.changed:
+        return session  # another --limit than last time: more (or fewer) items, same dataset
     if allow_dataset_change:
         return session
-    change, only_added = describe_change(store, session)
     hint = (
         "pass --allow-dataset-change to evaluate the changed items (the stored results "
         "of unchanged items are kept), or `shardeval run SPEC --fresh` for a new run"
     )
-    if only_added and limit is None:
+    only_added = diff is not None and diff.added and not diff.edited and not diff.removed
+    if only_added and limit is None and "limit" not in record:  # spec.json of shardeval 0.1
         hint += "; if the last attempt used --limit N, pass --limit N to resume only those"
     raise DatasetChanged(
         f"run {run_id}: its dataset {spec.dataset.path} changed since the run's last "
-        f"attempt: {change}",
+        f"attempt: {describe_change(diff)}",
         hint=hint,
     )
 
 
-def describe_change(store: RunStore, session: RunSession) -> tuple[str, bool]:
-    """``3 added, 1 edited, 0 removed`` against the run's plan.parquet; whether only added."""
+def plan_diff(
+    store: RunStore, session: RunSession, previous_limit: int | None, limit: int | None
+) -> PlanDiff | None:
+    """The session's plan against the run's plan.parquet (None if there is none)."""
     previous = store.read_table(store.plan_path, columns=["item_id", "item_key"])
     if previous is None:
-        return "its content differs from the fingerprint recorded in spec.json", False
-    diff = diff_plans(previous, session.plan.rows)
+        return None
+    return diff_plans(previous, session.plan.rows, previous_limit=previous_limit, limit=limit)
+
+
+def describe_change(diff: PlanDiff | None) -> str:
+    """``3 added, 1 edited, 0 removed``, or what else differs."""
+    if diff is None:
+        return "its content differs from the fingerprint recorded in spec.json"
     if not diff.changed:
         return (
             "no prompt changed, but fields the prompt does not use (such as targets) did, "
             "so scores may differ"
-        ), False
-    return diff.describe(), bool(diff.added and not diff.edited and not diff.removed)
+        )
+    return diff.describe()

@@ -57,4 +57,4 @@ def resume(
         allow_dataset_change=allow_dataset_change,
         limit=limit,
     )
-    evaluate_session(session, started=started, quiet=quiet, wait=wait)
+    evaluate_session(session, started=started, quiet=quiet, verbose=verbose, wait=wait)

@@ -339,3 +339,13 @@ def test_dataset_urls_lose_their_credentials() -> None:
     assert public_url("https://user:pw@host:8443/d.jsonl") == "https://host:8443/d.jsonl"
     assert public_url("s3://bucket/d.jsonl") == "s3://bucket/d.jsonl"
     assert public_url("/data/d.jsonl") == "/data/d.jsonl"
+
+
+def test_resume_keeps_the_last_attempts_limit(tmp_path: Path) -> None:
+    from shardeval.resume import prepare_resume
+
+    session = make_run(tmp_path, "arith", n_items=6, limit=4)
+    resumed = prepare_resume(session.run_id, str(tmp_path / "out"))
+    assert resumed.plan.n_rows == 4
+    assert resumed.answer_from_storage() is not None
+    assert prepare_resume(session.run_id, str(tmp_path / "out"), limit=6).plan.n_rows == 6
