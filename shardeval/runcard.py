@@ -65,16 +65,29 @@ def check_tag(tag: str) -> str:
 
 
 def read_tags(store: RunStore) -> list[str]:
-    """The run's tags from ``tags.json`` (``{"tags": [...]}``); [] when it has none."""
-    data = store.read_json(store.path(TAGS_FILE))
-    tags = data.get("tags") if isinstance(data, dict) else None
+    """The run's tags from ``tags.json`` (a JSON list, as ``run --baseline tag:T`` reads it)."""
+    return parse_tags(store.read_bytes(store.path(TAGS_FILE)))
+
+
+def parse_tags(data: bytes | None) -> list[str]:
+    """Tags from tags.json's bytes: ``["baseline"]`` (``{"tags": [...]}`` is read too)."""
+    import json
+
+    if data is None:
+        return []
+    try:
+        tags = json.loads(data)
+    except ValueError:
+        return []
+    if isinstance(tags, dict):
+        tags = tags.get("tags")
     return sorted({str(t) for t in tags}) if isinstance(tags, list) else []
 
 
 def write_tags(store: RunStore, tags: list[str]) -> None:
     """Replace the run's tags (tags.json is the truth), then the card's copy of them."""
     tags = sorted(set(tags))
-    store.write_json(store.path(TAGS_FILE), {"tags": tags})
+    store.write_json(store.path(TAGS_FILE), tags)
     card = read_card(store)
     if card is not None:
         card["tags"] = tags

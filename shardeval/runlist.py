@@ -38,6 +38,7 @@ from shardeval.runcard import (
     main_metric,
     model_label,
     parse_card,
+    parse_tags,
     public_url,
 )
 from shardeval.storage import READ_CONCURRENCY, RunStore
@@ -223,7 +224,7 @@ def legacy_entry(store: RunStore) -> RunEntry | None:
     spec_record, summary, tags = store.gather(
         lambda: _json(store.read_bytes(store.spec_path)),
         lambda: _json(store.read_bytes(store.metrics_path)),
-        lambda: _json(store.read_bytes(store.path(TAGS_FILE))),
+        lambda: parse_tags(store.read_bytes(store.path(TAGS_FILE))),
     )
     lock = RunLock(store)
     holder = lock.holder()
@@ -253,7 +254,7 @@ def legacy_entry(store: RunStore) -> RunEntry | None:
         "status": status,
         "holder": None,
         "heartbeat_at": None,
-        "tags": sorted(tags.get("tags") or []) if isinstance(tags, dict) else [],
+        "tags": tags,
         "shardeval_version": record.get("shardeval_version"),
     }
     if summary is not None:

@@ -182,7 +182,7 @@ def test_the_card_is_refreshed_while_running_and_says_how_the_attempt_ended(
             session.progress.plan(6, 2, 0)
             session.progress.finished("ok", batch="b")
             session.progress.finished("error", "http_400", batch="b")
-            write_tags_later.write_json(write_tags_later.path("tags.json"), {"tags": ["wip"]})
+            write_tags_later.write_json(write_tags_later.path("tags.json"), ["wip"])
             deadline = time.monotonic() + 10
             while True:
                 current = read_card(session.store)
@@ -349,3 +349,14 @@ def test_resume_keeps_the_last_attempts_limit(tmp_path: Path) -> None:
     assert resumed.plan.n_rows == 4
     assert resumed.answer_from_storage() is not None
     assert prepare_resume(session.run_id, str(tmp_path / "out"), limit=6).plan.n_rows == 6
+
+
+def test_tags_are_the_list_that_baseline_tag_selectors_read(tmp_path: Path) -> None:
+    from shardeval.history import find_baseline
+
+    old = make_run(tmp_path, "arith")
+    write_tags(old.store, ["baseline"])
+    assert json.loads((Path(old.store.root) / "tags.json").read_text()) == ["baseline"]
+    assert read_card(old.store)["tags"] == ["baseline"]  # type: ignore[index]
+    found = find_baseline(str(tmp_path / "out"), "arith", "arith-later", "tag:baseline")
+    assert found == old.run_id
