@@ -18,16 +18,20 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 from rich.logging import RichHandler
 
 from shardeval import interrupt
+from shardeval.commands.options import RunsOutputOpt, RunsSpecOpt
 from shardeval.display import err_console, live_progress, out_console, print_summary, spinner
 from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError, SpecError
 from shardeval.overrides import resolve_spec
+
+if TYPE_CHECKING:
+    from shardeval.session import RunSession
 
 try:  # typer >= 0.29 vendors click: its usage errors are not click's own exception classes
     from typer._click.exceptions import ClickException as _TyperClickException
@@ -133,9 +137,8 @@ def run(
     """Run an eval (or resume it: the same command continues where it stopped)."""
     started = time.monotonic()
     _configure_logging(verbose)
-    from shardeval.launch import run_evaluate
     from shardeval.session import RunSession
-    from shardeval.taskrunners import NO_SERVER_WARNING, check_task_runner, has_prefect_server
+    from shardeval.taskrunners import check_task_runner
 
     runner_kind = check_task_runner(task_runner, dask_address)
     if fail_on_regression and not baseline:
@@ -157,6 +160,38 @@ def run(
     )
     if session.new_run_reason:
         err_console.print(f"[yellow]{_escape(session.new_run_reason)}[/]")
+    evaluate_session(
+        session,
+        started=started,
+        quiet=quiet,
+        verbose=verbose,
+        wait=wait,
+        task_runner=runner_kind,
+        dask_address=dask_address,
+        no_preflight=no_preflight,
+        baseline=baseline,
+        fail_on_regression=fail_on_regression,
+    )
+
+
+def evaluate_session(
+    session: RunSession,
+    *,
+    started: float,
+    quiet: bool = False,
+    verbose: bool = False,
+    wait: bool = False,
+    task_runner: str = "threads",
+    dask_address: str | None = None,
+    no_preflight: bool = False,
+    baseline: str | None = None,
+    fail_on_regression: bool = False,
+) -> None:
+    """Answer a prepared session from storage, or run it; print the summary (run, resume)."""
+    from shardeval.launch import run_evaluate
+    from shardeval.taskrunners import NO_SERVER_WARNING, has_prefect_server
+
+    runner_kind = task_runner
     stored = session.answer_from_storage()
     if stored is not None:
         err_console.print(
@@ -271,7 +306,8 @@ def validate(
 @app.command()
 def status(
     run_id: Annotated[str, typer.Argument(help="The run to look at.", show_default=False)],
-    output: OutputOpt = None,
+    output: RunsOutputOpt = None,
+    spec: RunsSpecOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show what a run holds: items done, errors, batches, tokens, who holds it, if complete.
@@ -281,10 +317,10 @@ def status(
     """
     import json
 
-    from shardeval.spec import EvalSpec
+    from shardeval.catalog import resolve_output
     from shardeval.status import read_status, render_status
 
-    found = read_status(output or EvalSpec.model_fields["output"].default, run_id)
+    found = read_status(resolve_output(output, spec), run_id)
     if as_json:
         print(json.dumps(found.to_dict(), indent=2, sort_keys=True))
     else:
@@ -312,15 +348,12 @@ def rescore(
     """Apply metrics to a run's stored responses: new results and metrics, no model call."""
     started = time.monotonic()
     _configure_logging(verbose)
+    from shardeval.catalog import resolve_output
     from shardeval.launch import start_prefect
     from shardeval.rescore import prepare_rescore
 
     source = _spec_source(spec) if spec else None
-    if output is None:
-        from shardeval.overrides import resolve_spec
-        from shardeval.spec import EvalSpec
-
-        output = resolve_spec(source).output if source else EvalSpec.model_fields["output"].default
+    output = resolve_output(output, source)
     job = prepare_rescore(run_id, output, source)  # exit 2 before Prefect if it cannot work
     show = not quiet and sys.stderr.isatty()
     with spinner("Loading Prefect...", enabled=show):
