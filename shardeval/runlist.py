@@ -19,6 +19,7 @@ The status of a run, decided in :func:`decide_status`:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import re
 import socket
@@ -29,7 +30,8 @@ from typing import Any
 
 from shardeval.catalog import list_run_ids
 from shardeval.errors import SpecError
-from shardeval.locking import RunLock, pid_alive
+from shardeval.locking import RunLock
+from shardeval.processes import pid_alive
 from shardeval.runcard import (
     CARD_FILE,
     STALE_S,
@@ -41,7 +43,7 @@ from shardeval.runcard import (
     parse_tags,
     public_url,
 )
-from shardeval.storage import READ_CONCURRENCY, RunStore
+from shardeval.storage import RunStore
 
 STATUSES = ("complete", "incomplete", "running")
 
@@ -271,21 +273,9 @@ def legacy_entry(store: RunStore) -> RunEntry | None:
 
 
 def _cat(store: RunStore, paths: list[str]) -> dict[str, bytes | None]:
-    """The bytes of each path (None where missing or unreadable), one GET each."""
-    out: dict[str, bytes | None] = {}
-    if store.is_local:
-        for path in paths:
-            out[path] = store.read_bytes(path)
-        return out
-    for start in range(0, len(paths), READ_CONCURRENCY):
-        group = paths[start : start + READ_CONCURRENCY]
-        fetched = store._guard("read", group[0], lambda g=group: store.fs.cat(g, on_error="omit"))
-        if not isinstance(fetched, dict):  # one path comes back as bytes
-            fetched = {group[0]: fetched}
-        for path in group:
-            data = fetched.get(path)
-            out[path] = bytes(data) if isinstance(data, bytes | bytearray) else None
-    return out
+    """The bytes of each path (None where missing), one GET each; concurrent on object stores."""
+    calls = [functools.partial(store.read_bytes, path) for path in paths]
+    return dict(zip(paths, store.gather(*calls), strict=True))
 
 
 def _json(data: bytes | None) -> Any:

@@ -87,6 +87,7 @@ class RunSession:
     """
 
     __slots__ = (
+        "_card",
         "_found",
         "_judgements",
         "_stored",
