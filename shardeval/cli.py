@@ -42,7 +42,7 @@ app = typer.Typer(
 )
 
 SpecArg = Annotated[
-    str, typer.Argument(help="Eval spec YAML (path or fsspec URL).", show_default=False)
+    str, typer.Argument(help="Eval spec or suite YAML (path or fsspec URL).", show_default=False)
 ]
 OutputOpt = Annotated[
     str | None, typer.Option("--output", "-o", help="Where runs are stored (any fsspec URL).")
@@ -91,7 +91,23 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run an eval (or resume it: the same command continues where it stopped)."""
+    """Run an eval or a suite (or resume it: the same command continues where it stopped)."""
+    if _is_suite(spec):
+        from shardeval.suite_cli import run_suite
+
+        unsupported = {"--run-id": run_id, "--fresh": fresh, "--batch-size": batch_size}
+        unsupported |= {"--concurrency": concurrency, "--dask-address": dask_address}
+        unsupported["--task-runner"] = task_runner if task_runner != "threads" else None
+        return run_suite(
+            _spec_source(spec),
+            output=output,
+            retry_failed=retry_failed,
+            limit=limit,
+            wait=wait,
+            quiet=quiet,
+            verbose=verbose,
+            unsupported=unsupported,
+        )
     started = time.monotonic()
     _configure_logging(verbose)
     from shardeval.launch import run_evaluate
@@ -147,7 +163,11 @@ def validate(
     spec: SpecArg,
     limit: Annotated[int | None, typer.Option(min=1, help="Check only the first N items.")] = None,
 ) -> None:
-    """Check a spec and its dataset (prompts, metrics, provider) without calling the model."""
+    """Check a spec or a suite and its datasets (prompts, metrics) without calling the model."""
+    if _is_suite(spec):
+        from shardeval.suite_cli import validate_suite
+
+        return validate_suite(_spec_source(spec), limit=limit)
     from shardeval.hashing import default_run_id
     from shardeval.validation import validate as validate_spec
 
@@ -251,6 +271,12 @@ def _register_commands() -> None:
 
 
 _register_commands()
+
+
+def _is_suite(spec: str) -> bool:
+    from shardeval.suite import is_suite_file
+
+    return is_suite_file(_spec_source(spec))
 
 
 def _spec_source(spec: str) -> str:

@@ -41,7 +41,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from shardeval import interrupt
+from shardeval import endpoint_limits, interrupt
 from shardeval.errors import PermanentProviderError, ProviderError, TransientProviderError
 from shardeval.prefect_limit import PrefectLimit, loop_runner, prefect_limit_mode
 from shardeval.providers.base import Provider, ProviderRequest, create_provider
@@ -201,7 +201,8 @@ class Engine:
                     try:
                         if interrupt.stop_requested():
                             return Outcome(key=request.key, status="cancelled", attempts=attempts)
-                        async with self._global_slot():
+                        # + the endpoint's limit shared with other runs (suite cells)
+                        async with self._global_slot(), endpoint_limits.slot(self.model):
                             attempts += 1
                             self.requests_sent += 1
                             started = time.perf_counter()
