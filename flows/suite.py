@@ -16,9 +16,9 @@ the failed ones resume, their finished batches Cached.
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -28,6 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.evaluate import evaluate, prefect_runner_signalled
 from shardeval import endpoint_limits, interrupt
 from shardeval.errors import RunInterrupted
+from shardeval.suite import read_text
 from shardeval.suite_report import suite_markdown, suite_rows
 from shardeval.suite_session import CellRun, SuiteSession
 from tasks.aggregate import artifact_key
@@ -38,7 +39,11 @@ def suite_run_name() -> str:
     given = flow_run.parameters.get("suite")
     if isinstance(given, SuiteSession):
         return f"suite · {given.name}"
-    return f"suite · {Path(str(given)).stem}" if isinstance(given, str) else "evaluate-suite"
+    try:
+        data = given if isinstance(given, dict) else yaml.safe_load(read_text(str(given)))
+        return f"suite · {data['suite']}"
+    except Exception:  # the flow itself reports a bad suite; the name is only a label
+        return "evaluate-suite"
 
 
 @task(name="cell", cache_policy=NO_CACHE, persist_result=False)

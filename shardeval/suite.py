@@ -114,7 +114,7 @@ def is_suite_file(source: str) -> bool:
     Anything unreadable is "not a suite": loading it as a spec then reports the problem.
     """
     try:
-        data = yaml.safe_load(_read_text(source))
+        data = yaml.safe_load(read_text(source))
     except (SpecError, yaml.YAMLError):
         return False
     return isinstance(data, dict) and "suite" in data
@@ -127,7 +127,7 @@ def load_suite(source: str | Path | Mapping[str, Any]) -> LoadedSuite:
         data: Any = dict(source)
     else:
         origin = path = str(source)
-        text = _read_text(origin)
+        text = read_text(origin)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -280,7 +280,8 @@ def _located(error: Any, text: str | None, origin: str) -> str:
     return f"{where}{describe_problem({**error, 'loc': loc})}"
 
 
-def _read_text(origin: str) -> str:
+def read_text(origin: str) -> str:
+    """The text of a suite file (path or fsspec URL), as a :class:`SuiteError` if unreadable."""
     try:
         with fsspec.open(origin, "r", encoding="utf-8") as handle:
             return str(handle.read())
@@ -299,5 +300,6 @@ __all__ = [
     "deep_merge",
     "is_suite_file",
     "load_suite",
+    "read_text",
     "with_overrides",
 ]
