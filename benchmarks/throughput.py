@@ -67,6 +67,8 @@ def main() -> None:
             env["PREFECT_HOME"] = str(spec_dir / "prefect-home")
             if api:
                 env["PREFECT_API_URL"] = api
+            else:  # Prefect's own temporary server, not shardeval's local one (startup.py)
+                env["SHARDEVAL_LOCAL_SERVER"] = "0"
             first = timed_run(spec, server, env)
             cached = timed_run(spec, server, env)
             figures = {

@@ -14,11 +14,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.stages import submit_batches
 from shardeval import interrupt
+from shardeval.flow_failure import fail_with_reason
 from shardeval.overrides import resolve_spec
 from shardeval.prefect_limit import prefect_limit_mode
 from shardeval.session import RunSession
@@ -31,6 +32,7 @@ from shardeval.taskrunners import (
     make_task_runner,
 )
 from tasks.aggregate import aggregate
+from tasks.compare import compare_to_baseline
 from tasks.shard import prepare_run
 
 
@@ -38,7 +40,12 @@ def evaluate_run_name() -> str:
     """``{name} · {model}``, so the Prefect UI says which eval a flow run is."""
     try:
         given = flow_run.parameters["spec"]
-        spec = given.spec if isinstance(given, RunSession) else resolve_spec(given)
+        overrides = flow_run.parameters.get("overrides") or ()
+        spec = (
+            given.spec
+            if isinstance(given, RunSession)
+            else resolve_spec(given, overrides=overrides)
+        )
         return f"{spec.name} · {spec.model.model or spec.model.function or spec.model.provider}"
     except Exception:
         return "evaluate"
@@ -51,6 +58,7 @@ def evaluate_run_name() -> str:
     persist_result=False,
     validate_parameters=False,
 )
+@fail_with_reason  # the state message is the error's text (shardeval.flow_failure)
 def evaluate(
     spec: str | dict[str, Any] | RunSession,
     output: str | None = None,
@@ -63,6 +71,8 @@ def evaluate(
     wait: bool = False,
     task_runner: str = "threads",
     dask_address: str | None = None,
+    overrides: list[str] | None = None,
+    baseline: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on a dataset, resuming whatever a previous attempt finished.
 
@@ -70,8 +80,8 @@ def evaluate(
         spec: path or URL of the eval spec YAML, or the spec as a mapping (or a session the
             CLI or ``shardeval.run`` prepared, which then carries every other option).
         output: where runs are stored (any fsspec URL); defaults to the spec's ``output``.
-        run_id: the run to write; by default a new run per flow run (a retry of the same
-            flow run resumes it).
+        run_id: the run to write; by default the CLI's derived id, and for a deployment run
+            a new run per flow run (a retry of the same flow run resumes it).
         fresh: with no ``run_id``, start a new run instead of resuming.
         retry_failed: send again the rows whose status is error.
         limit: evaluate only the first N items.
@@ -82,9 +92,15 @@ def evaluate(
             (worker processes of a local Dask cluster, or of ``dask_address``; needs the
             ``[dask]`` extra and a Prefect server). See docs/distributed.md.
         dask_address: an existing Dask scheduler, e.g. ``tcp://10.0.0.5:8786``.
+        overrides: ``FIELD=VALUE`` spec overrides (the CLI's ``--set``/``--model``), e.g.
+            ``["model.model=gpt-4o", "model.params.temperature=0.7"]``.
+        baseline: compare the complete run with ``previous`` (the latest complete earlier run
+            of the same eval), ``tag:NAME`` or a run id; the comparison is stored as
+            comparison.json, published as an artifact, and a regression emits the event
+            ``shardeval.regression.detected`` (docs/alerts.md).
 
     Returns:
-        The run's metrics.json content.
+        The run's metrics.json content (with ``comparison`` when compared).
     """
     runner_kind = check_task_runner(task_runner, dask_address)
     session = prepare_run(
@@ -96,13 +112,18 @@ def evaluate(
         limit=limit,
         batch_size=batch_size,
         concurrency=concurrency,
-        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        # Only a deployment run gets a run per flow run; a direct call resumes like the CLI.
+        flow_run_id=str(flow_run.id) if deployment.id else None,
+        overrides=overrides or (),
     )
     prefect_limit_mode(session.spec.model)  # a missing model.prefect_limit fails here
     progress = session.progress
     with (
         interrupt.graceful_signal(
-            signal.SIGTERM, session.spec.grace_period_s, defer=prefect_runner_signalled
+            signal.SIGTERM,
+            session.spec.grace_period_s,
+            session.run_id,
+            defer=prefect_runner_signalled,
         ),
         session.attempt(wait=wait) as found,
     ):
@@ -112,7 +133,9 @@ def evaluate(
                 progress.set_phase(stage.phase)
                 session.require(stage, submit_batches(stage, progress, runner=runner))
         progress.set_phase("aggregating")
-        return aggregate(session)
+        summary = aggregate(session)
+    comparison = compare_to_baseline(session, summary, baseline)
+    return {**summary, "comparison": comparison} if comparison else summary
 
 
 def prefect_runner_signalled() -> bool:

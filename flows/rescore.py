@@ -7,11 +7,13 @@ from typing import Any
 from prefect import flow
 
 from flows.stages import submit_batches
+from shardeval.flow_failure import fail_with_reason
 from shardeval.rescore import prepare_rescore
 from tasks.aggregate import aggregate
 
 
 @flow(name="rescore", flow_run_name="rescore {run_id}", persist_result=False)
+@fail_with_reason  # the state message is the error's text (shardeval.flow_failure)
 def rescore(
     run_id: str,
     spec: str | None = None,

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
 
 from shardeval import interrupt
-from shardeval.errors import RunInterrupted
+from shardeval.errors import RunInterrupted, StorageError
 from shardeval.progress import RunProgress
 from shardeval.session import Stage
 from tasks.aggregate import artifact_key
@@ -55,11 +55,12 @@ def submit_batches(
     labels: dict[int, str] = {}
     failures: list[str] = []
     inflight = 0
+    stop = interrupt.stop_for(run.run_id)
     for work, stale in stage.works:
         while inflight >= window:
             inflight -= _collect(finished.get(), labels, failures, progress)
             report.update(len(failures))
-        if interrupt.stop_requested():
+        if stop.requested:
             break
         task = refresh if stale else batch_task
         if runner is None:
@@ -73,10 +74,8 @@ def submit_batches(
         inflight -= _collect(finished.get(), labels, failures, progress)
         report.update(len(failures))
     report.update(len(failures), final=True)
-    if interrupt.stop_requested():
-        raise RunInterrupted(
-            f"stopped: {progress.done:,} of {progress.total:,} done; run the same command to resume"
-        )
+    if stop.requested:  # a signal, a lost lease, a failing store, ...: its own error and exit code
+        raise stop.error(f"{progress.done:,} of {progress.total:,} done")
     return failures
 
 
@@ -93,6 +92,14 @@ def _collect(
             state.result()
         except RunInterrupted:
             pass
+        except (StorageError, OSError) as exc:
+            # A write failed in another process (Dask), or Prefect's own record could not be
+            # written: every further answer could be lost too, so the run stops sending.
+            if progress is not None:
+                text = exc.message if isinstance(exc, StorageError) else f"{exc}"
+                interrupt.stop_run(progress.run_id, "storage_failed", text)
+            label, text = labels.get(id(future), "batch"), str(exc)
+            failures.append(text if text.startswith(label) else f"{label}: {text}")
         except Exception as exc:
             label, text = labels.get(id(future), "batch"), str(exc)
             failures.append(text if text.startswith(label) else f"{label}: {text}")

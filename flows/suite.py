@@ -16,13 +16,15 @@ the failed ones resume, their finished batches Cached.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.evaluate import evaluate, prefect_runner_signalled
@@ -53,7 +55,7 @@ def run_cell(suite: SuiteSession, index: int, wait: bool = False) -> str:
     The cell's own failure is recorded, not raised: the other cells go on.
     """
     cell: CellRun = suite.cells[index]
-    if interrupt.stop_requested():
+    if interrupt.stop_for(suite.suite_run_id).requested:  # the suite was stopped: start no cell
         return cell.status
     suite.cell_started(cell)
     try:
@@ -65,6 +67,7 @@ def run_cell(suite: SuiteSession, index: int, wait: bool = False) -> str:
         )
     except RunInterrupted as exc:
         suite.cell_failed(cell, exc, interrupted=True)
+        interrupt.stop_run(suite.suite_run_id, "interrupted", cell.error or "stopped")
         return cell.status
     except Exception as exc:
         suite.cell_failed(cell, exc)
@@ -108,7 +111,8 @@ def evaluate_suite(
             output=output,
             retry_failed=retry_failed,
             limit=limit,
-            flow_run_id=str(flow_run.id) if flow_run.id else None,
+            # Like evaluate: only a deployment run gets a run per flow run.
+            flow_run_id=str(flow_run.id) if deployment.id else None,
         )
     )
     logger = get_run_logger()
@@ -123,7 +127,7 @@ def evaluate_suite(
     )
     grace = max((c.session.spec.grace_period_s for c in session.cells), default=5.0)
     with (
-        interrupt.graceful_signal(signal.SIGTERM, grace, defer=prefect_runner_signalled),
+        _stop_every_cell_on(signal.SIGTERM, session, grace),
         endpoint_limits.applied(session.endpoint_limits()),
         ThreadPoolTaskRunner[Any](max_workers=session.parallel) as runner,
     ):
@@ -147,7 +151,40 @@ def evaluate_suite(
         markdown=suite_markdown(session),
         description=f"Suite {session.suite_run_id}",
     )
-    if interrupt.stop_requested():
+    stopped = interrupt.stop_for(session.suite_run_id).requested
+    interrupt.forget(session.suite_run_id)
+    if stopped:
         raise RunInterrupted(f"suite {session.suite_run_id} stopped; run it again to resume")
     session.raise_for_failures()
     return summary
+
+
+@contextmanager
+def _stop_every_cell_on(signum: int, session: SuiteSession, grace: float) -> Iterator[None]:
+    """The first ``signum`` stops the suite and every running cell gracefully.
+
+    (``interrupt.graceful_signal`` stops one run; a suite has several.) A second signal, or
+    Prefect's runner cancelling a deployment run, gets the previous handler.
+    """
+    try:
+        previous = signal.getsignal(signum)
+    except ValueError:
+        previous = None
+
+    def handler(number: int, frame: Any) -> None:
+        if prefect_runner_signalled() or interrupt.stop_for(session.suite_run_id).requested:
+            if callable(previous):
+                previous(number, frame)
+            return
+        interrupt.stop_run(session.suite_run_id, "interrupted", "stopped by a signal")
+        interrupt.stop_active("interrupted", "stopped by a signal", grace_period_s=grace)
+
+    try:
+        signal.signal(signum, handler)
+    except (ValueError, TypeError):  # not the main thread: the caller's handlers apply
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)

@@ -27,9 +27,9 @@ from shardeval.errors import (
 from shardeval.spec import EvalSpec, load_spec
 
 if TYPE_CHECKING:
-    from shardeval.api import Run, open_run, rescore, run
+    from shardeval.api import Run, compare, open_run, rescore, run
 
-_API = ("Run", "open_run", "rescore", "run")
+_API = ("Run", "compare", "open_run", "rescore", "run")
 
 __all__ = [
     "DatasetError",
@@ -46,6 +46,7 @@ __all__ = [
     "StorageError",
     "TransientProviderError",
     "__version__",
+    "compare",
     "load_spec",
     "open_run",
     "rescore",

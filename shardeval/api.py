@@ -19,6 +19,7 @@ from shardeval.storage import RunStore
 if TYPE_CHECKING:
     import pandas as pd
 
+    from shardeval.compare import Comparison
     from shardeval.spec import EvalSpec
     from shardeval.status import RunStatus
 
@@ -113,6 +114,7 @@ def run(
         concurrency=concurrency,
     )
     if session.answer_from_storage() is None:
+        session.preflight()
         quiet_prefect()
         run_evaluate(session, wait=wait, task_runner=runner_kind, dask_address=dask_address)
     return Run(session.store)
@@ -151,3 +153,27 @@ def _spec_source(spec: str | Path) -> str:
     """A spec path made absolute (relative dataset paths resolve against it); URLs as given."""
     text = str(spec)
     return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def compare(
+    base: Run | str,
+    cand: Run | str,
+    *,
+    output: str | None = None,
+    metrics: list[str] | None = None,
+    alpha: float = 0.05,
+) -> Comparison:
+    """Paired comparison of two complete runs, as ``shardeval compare`` makes it.
+
+    The result has ``.verdict``, ``.to_dict()`` and ``.flips``. Runs given as ids are
+    looked up under ``output`` (default: ``base``'s output when it is a :class:`Run`, else
+    ``./shardeval-runs``); both must be stored under the same output.
+    """
+    from shardeval.compare import compare_runs
+
+    if output is None:
+        output = base.output if isinstance(base, Run) else DEFAULT_OUTPUT
+    base_id = base.id if isinstance(base, Run) else base
+    cand_id = cand.id if isinstance(cand, Run) else cand
+    comparison, _base, _cand = compare_runs(base_id, cand_id, output, metrics=metrics, alpha=alpha)
+    return comparison

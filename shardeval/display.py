@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from shardeval.progress import RunProgress
-from shardeval.reporting import metrics_rows
+from shardeval.reporting import cost_text, metrics_rows
 
 err_console = Console(stderr=True)
 # soft_wrap: a path printed to a pipe stays on one line (scripts read it).
@@ -116,6 +116,9 @@ def print_summary(
         f"tokens: {usage.get('prompt_tokens', 0):,} prompt · "
         f"{usage.get('completion_tokens', 0):,} completion"
     )
+    cost = cost_text(summary, all_from_storage=sent == 0)
+    if cost:
+        out_console.print(cost if summary["cost"].get("priced") else f"[yellow]{cost}[/]")
     if sent == 0:
         out_console.print(
             f"cache: all {summary['n_rows']:,} rows came from the cache; no model call was made"

@@ -10,6 +10,12 @@ Retries (tenacity) use exponential backoff with jitter and honour ``Retry-After`
 ``Retry-After`` pauses *all* new attempts of the run until then, because in a rate-limit storm
 every other request would only earn another 429.
 
+Two failures stop the whole run instead of being paid for item by item (see
+:class:`Breaker` and :meth:`Engine.stop_run`): an endpoint that stops answering altogether
+(every request failing to connect for ``model.unreachable_after_s``: exit 1, resumable) and a
+401/403 (the key is missing or wrong: exit 2, naming the variable). Neither is stored as a
+row, so the same command sends those items once the endpoint or the key is back.
+
 ``model.prefect_limit: NAME`` adds a limit across processes (Dask workers, several flow runs,
 several machines): with a Prefect server, every request also takes a slot of the server's
 global concurrency limit ``NAME`` while it is in flight, or, when that limit has a slot decay
@@ -42,13 +48,26 @@ from tenacity import (
 )
 
 from shardeval import endpoint_limits, interrupt
-from shardeval.errors import PermanentProviderError, ProviderError, TransientProviderError
+from shardeval.errors import (
+    ConnectionFailedError,
+    EndpointUnreachable,
+    PermanentProviderError,
+    ProviderError,
+    ShardevalError,
+    TransientProviderError,
+)
 from shardeval.prefect_limit import PrefectLimit, loop_runner, prefect_limit_mode
 from shardeval.providers.base import Provider, ProviderRequest, create_provider
 from shardeval.spec import ModelSpec
 
 OutcomeStatus = Literal["ok", "error", "transient", "cancelled"]
 MAX_BACKOFF_S = 60.0
+BREAKER_FAILURES = 3
+"""Connection failures in a row (with ``model.unreachable_after_s`` since the last answer)
+that open the breaker; the time condition is the one that matters in practice."""
+AUTH_STATUSES = frozenset({401, 403})
+PROBE_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Between attempts while the endpoint is suspect (see :class:`Breaker`)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,54 @@ def _error_kind(exc: ProviderError) -> str:
     if exc.status is not None:
         return f"http_{exc.status}"
     return "transient" if isinstance(exc, TransientProviderError) else "error"
+
+
+class Breaker:
+    """Decides when the endpoint is gone: connection failures in a row, for long enough.
+
+    After ``failures`` connection failures in a row the endpoint is *suspect*: requests go
+    out one at a time, at growing intervals (``PROBE_DELAYS_S``), instead of every queued
+    request trying (and instantly failing) on its own; so a dead endpoint sees about one
+    attempt per slot, then a handful of probes. A failure once ``quiet_s`` have passed since
+    the last answer opens the breaker (the run stops). Any answer (even a 500 or a 429)
+    clears it: the endpoint is there, only failing, and the ordinary retries handle that.
+    """
+
+    def __init__(self, quiet_s: float, failures: int = BREAKER_FAILURES) -> None:
+        self.quiet_s = quiet_s
+        self.failures = failures
+        self.in_a_row = 0
+        self.last_answer: float | None = None
+        """When the endpoint last answered (None: not yet; the clock then starts at the first
+        failure, not when the engine was built)."""
+        self.next_probe = 0.0
+        self._probes = 0
+
+    @property
+    def suspect(self) -> bool:
+        """Whether requests should go one at a time (recent attempts all failed to connect)."""
+        return self.in_a_row >= self.failures
+
+    def answered(self) -> None:
+        """The endpoint answered (whatever the status)."""
+        self.in_a_row = 0
+        self._probes = 0
+        self.last_answer = time.monotonic()
+
+    def connection_failed(self) -> bool:
+        """Count one failure to connect; return whether the breaker is now open."""
+        if self.last_answer is None:
+            self.last_answer = time.monotonic()
+        self.in_a_row += 1
+        if self.suspect:
+            delay = PROBE_DELAYS_S[min(self._probes, len(PROBE_DELAYS_S) - 1)]
+            self.next_probe = time.monotonic() + delay
+            self._probes += 1
+        return self.suspect and self.silent_for() >= self.quiet_s
+
+    def silent_for(self) -> float:
+        """Seconds since the endpoint last answered (or first failed to, if it never did)."""
+        return 0.0 if self.last_answer is None else time.monotonic() - self.last_answer
 
 
 class _Slots:
@@ -120,8 +187,15 @@ class _Slots:
 class Engine:
     """Sends requests for one run through one provider, at most ``concurrency`` at a time."""
 
-    def __init__(self, model: ModelSpec) -> None:
+    def __init__(self, model: ModelSpec, *, field: str = "model", run_id: str = "") -> None:
         self.model = model
+        self.field = field
+        """Where ``model`` is in the spec (``model``, or a judge's ``metrics[0].model``)."""
+        self.run_id = run_id
+        """Whose stop (:func:`shardeval.interrupt.stop_for`) ends this engine's requests."""
+        self.stop_error: ShardevalError | None = None
+        """Why this run stopped sending (set once by :meth:`stop_run`); None while running."""
+        self._breaker = Breaker(model.unreachable_after_s)
         self._limit_mode = prefect_limit_mode(model)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -138,6 +212,8 @@ class Engine:
 
     async def _setup(self) -> Provider:
         self._slots = _Slots(self.model.concurrency)
+        self._stopped = asyncio.Event()
+        self._probe = asyncio.Lock()
         self._prefect_limit = (
             PrefectLimit(str(self.model.prefect_limit), self._limit_mode, self.model.timeout_s)
             if self._limit_mode is not None
@@ -189,34 +265,61 @@ class Engine:
             retry=retry_if_exception_type(TransientProviderError),
             stop=stop_after_attempt(self.model.max_retries + 1),
             wait=wait,
+            sleep=self._backoff,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    if interrupt.stop_requested():
+                    if self.stopping():
                         return Outcome(key=request.key, status="cancelled", attempts=attempts)
+                    if self.stop_error is not None:
+                        return self._not_sent(request, attempts)
                     await self._respect_pause()
                     await self._slots.acquire(priority)
                     try:
-                        if interrupt.stop_requested():
+                        await self._wait_for_lease()
+                        if self.stopping():
                             return Outcome(key=request.key, status="cancelled", attempts=attempts)
+                        if self.stop_error is not None:
+                            return self._not_sent(request, attempts)
                         # + the endpoint's limit shared with other runs (suite cells)
-                        async with self._global_slot(), endpoint_limits.slot(self.model):
+                        async with (
+                            self._gate(),
+                            self._global_slot(),
+                            endpoint_limits.slot(self.model),
+                        ):
+                            if self.stop_error is not None:
+                                return self._not_sent(request, attempts)
                             attempts += 1
                             self.requests_sent += 1
                             started = time.perf_counter()
                             try:
                                 completion = await self._provider.complete(request)
+                            except ConnectionFailedError as exc:
+                                if self._breaker.connection_failed():
+                                    self.stop_run(self._unreachable(exc))
+                                raise
                             except TransientProviderError as exc:
+                                self._breaker.answered()
                                 if exc.status == 429 and exc.retry_after:
                                     self._paused_until = max(
                                         self._paused_until, time.monotonic() + exc.retry_after
                                     )
                                 raise
+                            except PermanentProviderError as exc:
+                                self._breaker.answered()
+                                if exc.status in AUTH_STATUSES:
+                                    # A configuration error, not this item's: never a row.
+                                    self.stop_run(self._auth_error(exc))
+                                    return self._not_sent(request, attempts, exc)
+                                raise
+                            self._breaker.answered()
                     finally:
                         self._slots.release()
         except TransientProviderError as exc:
+            if self.stop_error is not None:
+                return self._not_sent(request, attempts, exc)
             return Outcome(
                 key=request.key,
                 status="transient",
@@ -249,6 +352,72 @@ class Engine:
             finished_at=time.time(),
         )
 
+    def stop_run(self, error: ShardevalError) -> None:
+        """Stop sending for this run, for ``error`` (the breaker opened, or a 401/403).
+
+        Requests waiting for a slot or a retry end at once as not sent (never stored); each
+        batch then raises ``error`` (see :meth:`raise_if_stopped`) and the flow reports it.
+        The one place to hand the decision to a run-wide stop API when there is one.
+        """
+        if self.stop_error is None:
+            self.stop_error = error
+            self._stopped.set()
+
+    def raise_if_stopped(self) -> None:
+        """Raise (a fresh copy of) the error that stopped this run, if one did."""
+        error = self.stop_error
+        if error is not None:
+            raise type(error)(error.message, hint=error.hint)
+
+    def _not_sent(
+        self, request: ProviderRequest, attempts: int, exc: ProviderError | None = None
+    ) -> Outcome:
+        """A request the stopped run did not finish: transient, so it is never stored."""
+        error = self.stop_error
+        return Outcome(
+            key=request.key,
+            status="transient",
+            error=exc.message if exc is not None else (error.message if error else None),
+            error_kind=_error_kind(exc) if exc is not None else "not_sent",
+            http_status=exc.status if exc is not None else None,
+            attempts=attempts,
+            finished_at=time.time(),
+        )
+
+    def _unreachable(self, exc: ProviderError) -> EndpointUnreachable:
+        base_url = self.model.base_url or "https://api.openai.com/v1"
+        return EndpointUnreachable(
+            f"the endpoint at {base_url} is unreachable: {self._breaker.in_a_row} requests in "
+            f"a row failed to connect over {self._breaker.silent_for():.0f} s (last: "
+            f"{exc.message}); stopped sending, finished items are saved",
+            hint=f"check that the server at {self.field}.base_url is up, then run the same "
+            "command again to send only what is missing",
+        )
+
+    def _auth_error(self, exc: ProviderError) -> ShardevalError:
+        from shardeval.preflight import auth_error
+
+        status = exc.status or 401
+        return auth_error(self.model, self.field, status, exc.message.split(": ", 1)[-1])
+
+    @contextlib.asynccontextmanager
+    async def _gate(self) -> AsyncIterator[None]:
+        """While the endpoint is suspect, one request at a time, at the breaker's pace."""
+        if not self._breaker.suspect:
+            yield
+            return
+        async with self._probe:
+            if self._breaker.suspect:
+                await self._backoff(self._breaker.next_probe - time.monotonic())
+            yield
+
+    async def _backoff(self, seconds: float) -> None:
+        """Tenacity's sleep between retries, cut short when the run stops."""
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
+
     @contextlib.asynccontextmanager
     async def _global_slot(self) -> AsyncIterator[None]:
         """Hold a slot of the Prefect limit ``model.prefect_limit`` (if any) for one request.
@@ -274,11 +443,29 @@ class Engine:
         if delay > 0:
             await asyncio.sleep(delay)
 
+    def stopping(self) -> bool:
+        """Whether the run was asked to stop: no new request (nor retry) is sent then.
+
+        Looked up at every request rather than held: a run's stop is forgotten when the run
+        ends, and an engine that outlives it (a Dask worker's) serves the next run clean.
+        """
+        return interrupt.stop_for(self.run_id).requested
+
+    async def _wait_for_lease(self) -> None:
+        """Hold a request while the run's lease may have been taken over (see locking.py).
+
+        The heartbeat either renews the lease (the request goes) or finds it lost and stops
+        the run (the request is cancelled): either way nothing is paid twice.
+        """
+        stop = interrupt.stop_for(self.run_id)
+        while not stop.lease_current() and not stop.requested:
+            await asyncio.sleep(0.05)
+
     async def _watch_interrupt(self) -> None:
         """After a stop's grace period, abandon the requests still in flight."""
         while True:
             await asyncio.sleep(0.1)
-            if interrupt.grace_expired():
+            if self._inflight and interrupt.stop_for(self.run_id).grace_expired():
                 for task in list(self._inflight):
                     task.cancel()
 
@@ -322,8 +509,33 @@ def engine_for(run_id: str, model: ModelSpec) -> Engine:
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = Engine(model)
-        return engine
+            judge = run_id.split("/judges/", 1)[1] if "/judges/" in run_id else None
+            field = "model" if judge is None else f"metric {judge!r}: model"
+            engine = _engines[key] = Engine(model, field=field, run_id=run_id)
+    interrupt.handle_signals_in_dask_worker()
+    return engine
+
+
+def run_stopped(run_id: str | None = None) -> bool:
+    """Whether an engine of ``run_id`` (or any, with None) in this process stopped its run."""
+    with _engines_lock:
+        engines = [
+            e
+            for (r, _), e in _engines.items()
+            if run_id is None or r == run_id or r.startswith(run_id + "/")
+        ]
+    return any(e.stop_error is not None for e in engines)
+
+
+def stop_error(run_id: str) -> ShardevalError | None:
+    """The error that stopped ``run_id`` (its model's or a judge's engine), if any."""
+    with _engines_lock:
+        engines = [e for (r, _), e in _engines.items() if r == run_id or r.startswith(run_id + "/")]
+    for engine in engines:
+        if engine.stop_error is not None:
+            error = engine.stop_error
+            return type(error)(error.message, hint=error.hint)
+    return None
 
 
 def close_engines(run_id: str | None = None) -> None:

@@ -4,15 +4,18 @@ One shallow hierarchy, so the CLI can tell a user's mistake from a bug::
 
     ShardevalError                 exit 1 unless a subclass says otherwise
     ├── SpecError                  exit 2: the spec file or a CLI option is wrong
+    │   └── EndpointError              exit 2: the endpoint, model name or key is wrong
     ├── DatasetError               exit 2: the dataset cannot be read or has bad rows
     ├── PromptError                exit 2: a template fails on an item
     ├── MetricError                exit 2: a metric is misconfigured
     ├── ProviderError              a model call failed
     │   ├── TransientProviderError     worth retrying (timeouts, 429, 5xx, connection)
+    │   │   └── ConnectionFailedError      no answer at all (refused, DNS, reset)
     │   └── PermanentProviderError     not worth retrying (other 4xx); stored as an error row
     ├── StorageError               exit 1: the output store failed; what was committed stays
     ├── RunLockedError             exit 1: another process holds the run
     ├── RunIncomplete              exit 1: some batches could not finish; rerun to resume
+    │   └── EndpointUnreachable        exit 1: the endpoint went away mid-run
     └── RunInterrupted             exit 130: Ctrl-C / SIGTERM, after saving what finished
 
 Every error carries the context a person needs to act (file:line, spec field path, item id,
@@ -21,7 +24,6 @@ metric name) in its message, and an optional ``hint`` printed as "to resolve thi
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -47,6 +49,14 @@ class SpecError(ShardevalError):
     """The eval spec or a command-line option is invalid."""
 
     exit_code = EXIT_USAGE
+
+
+class EndpointError(SpecError):
+    """The model endpoint cannot work as configured: wrong base_url, model name or API key.
+
+    Found by the preflight check before the first batch, or by the first 401/403 of a run;
+    the message names the spec field (or environment variable) to fix.
+    """
 
 
 class DatasetError(ShardevalError):
@@ -92,6 +102,13 @@ class TransientProviderError(ProviderError):
     """A failure that may pass: never stored as a final result, a rerun retries it."""
 
 
+class ConnectionFailedError(TransientProviderError):
+    """Nothing answered at all (refused, DNS, reset).
+
+    What the run's circuit breaker counts, as opposed to answers that were errors.
+    """
+
+
 class PermanentProviderError(ProviderError):
     """A failure that will not pass by retrying: stored as an error row."""
 
@@ -106,6 +123,10 @@ class RunLockedError(ShardevalError):
 
 class RunIncomplete(ShardevalError):
     """Some batches failed (e.g. the endpoint stayed down); what finished is kept."""
+
+
+class EndpointUnreachable(RunIncomplete):
+    """Every request failed to connect for a while: the run stopped sending and saved."""
 
 
 class RunInterrupted(ShardevalError):

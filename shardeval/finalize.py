@@ -3,12 +3,14 @@
 Scores are computed here, from the stored responses and the dataset as it is now, so that a
 change of metrics, or of a target field the prompt does not use, never calls the model again.
 ``metrics.json`` is written last: its presence means the run is complete. Its content depends
-only on the data (timestamps aside): two runs over the same stored results give the same file.
+only on the data (timestamps aside, and ``cost.saved_usd``, which is what *this attempt* read
+from storage): two runs over the same stored results give the same file otherwise.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,11 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardeval import __version__
+from shardeval.cost import CostTally, cost_summary, judge_tallies, track_judge_use
 from shardeval.hashing import digest
 from shardeval.judging import Judgements, judge_metrics, load_judgements, with_judgements
 from shardeval.metrics import Metric, score_row, summarize
 from shardeval.metrics.trials import bootstrap_ci95, item_means, trial_statistics
 from shardeval.planning import RunPlan
+from shardeval.prompts import PromptRenderer
 from shardeval.results import RESULT_BASE_FIELDS, conform, results_schema
 from shardeval.storage import RunStore
 
@@ -63,16 +67,21 @@ def finalize(
     finished_at: datetime,
     judgements: dict[str, Judgements] | None = None,
     stored: list[pa.Table] | None = None,
+    sent_keys: Collection[str] | None = None,
 ) -> Finalized:
     """Write results.parquet (dataset order), then metrics.json (the previous one to history/).
 
     ``judgements`` (metric name → judgements) are the ``llm_judge`` metrics' inputs; without
     them the judgements stored in the run are read, so finalizing on its own scores the same.
     ``stored`` are the plan's committed batch tables when the caller has read them already.
+    ``sent_keys`` are the item keys (the run's and its judges') sent to a model in this
+    attempt, for ``cost.saved_usd``; None decides by each row's stored ``finished_at``
+    against ``started_at`` instead (see :mod:`shardeval.cost`).
     """
     if judgements is None:
         judgements = {m.name: load_judgements(store, m) for m in judge_metrics(metrics)}
-    metrics = with_judgements(metrics, judgements)
+    metrics = track_judge_use(with_judgements(metrics, judgements))
+    costs = CostTally("model", plan.spec.model, started_at=started_at, sent_keys=sent_keys)
     chunks: list[pa.Table] = []
     groups: list[str] = []
     score_errors: Counter[str] = Counter()
@@ -85,17 +94,22 @@ def finalize(
         if table is None:
             raise FileNotFoundError(f"committed batch {batch.key} vanished before finalizing")
         rows = plan.rows.slice(batch.start, batch.stop - batch.start)
-        chunk, chunk_groups = _score_chunk(plan, rows, conform(table), metrics, score_errors)
+        chunk, chunk_groups = _score_chunk(plan, rows, conform(table), metrics, score_errors, costs)
         chunks.append(chunk)
         groups.extend(chunk_groups)
     score_columns = sorted({c for t in chunks for c in t.column_names if c.startswith("score_")})
     schema = results_schema(score_columns)
     conformed = [_conform_result(chunk, schema) for chunk in chunks]
+    targets = {f"target_{m.name}": m.target_field for m in metrics if m.target_field}
+    file_schema = results_schema(score_columns, list(targets))
+    texts = _TextColumns(plan, targets)
 
     def write_results() -> None:
-        with store.open_table_writer(store.results_path, schema) as writer:
-            for chunk in conformed:
-                writer.write_table(chunk)
+        # Prompts and targets are rendered per chunk as it is written, not held for the run.
+        with store.open_table_writer(store.results_path, file_schema) as writer:
+            for batch, chunk in zip(plan.batches, conformed, strict=True):
+                rows = plan.rows.slice(batch.start, batch.stop - batch.start)
+                writer.write_table(texts.add(chunk, rows, file_schema))
 
     # The previous metrics.json goes to history/ while results.parquet is written; the new
     # metrics.json is written only after both (its presence means the run is complete).
@@ -107,9 +121,47 @@ def finalize(
         summary["by_group"] = _by_group(table, groups, score_columns)
     summary["started_at"] = started_at.isoformat(timespec="seconds")
     summary["finished_at"] = finished_at.isoformat(timespec="seconds")
+    judges = judge_tallies(store, metrics, started_at=started_at, sent_keys=sent_keys)
+    summary["cost"] = cost_summary([costs, *judges])
+    if plan.spec.report:
+        from shardeval.report.writer import write_report_quietly
+
+        if (report_url := write_report_quietly(store, table, summary)) is not None:
+            summary["report"] = report_url
     store.write_json(store.metrics_path, summary)
     store.tidy()
     return Finalized(summary, store.url_of(store.results_path), store.url_of(store.metrics_path))
+
+
+class _TextColumns:
+    """``prompt`` (the rendered last user message) and ``target_<metric>`` for a chunk.
+
+    Targets are the dataset's field as text, the way metrics compare them (``7`` and ``"7"``
+    are the same target), null where the item lacks the field.
+    """
+
+    def __init__(self, plan: RunPlan, targets: dict[str, str]) -> None:
+        self._plan = plan
+        self._targets = targets
+        self._renderer = PromptRenderer(plan.spec.prompt)
+
+    def add(self, chunk: pa.Table, rows: pa.Table, schema: pa.Schema) -> pa.Table:
+        item_indices = rows.column("item_index").to_pylist()
+        item_ids = rows.column("item_id").to_pylist()
+        first = item_indices[0]
+        items = self._plan.dataset.items(first, item_indices[-1] + 1)
+        prompts: dict[int, str | None] = {}
+        for index, item_id in zip(item_indices, item_ids, strict=True):
+            if index not in prompts:
+                messages = self._renderer.render(items[index - first], item_id)
+                user = [m["content"] for m in messages if m["role"] == "user"]
+                prompts[index] = user[-1] if user else None
+        columns = {name: chunk.column(name) for name in chunk.column_names}
+        columns["prompt"] = pa.array([prompts[i] for i in item_indices], pa.string())
+        for column, target in self._targets.items():
+            values = [items[i - first].get(target) for i in item_indices]
+            columns[column] = pa.array([None if v is None else str(v) for v in values], pa.string())
+        return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
 def keep_history(store: RunStore) -> None:
@@ -127,8 +179,9 @@ def _score_chunk(
     stored: pa.Table,
     metrics: list[Metric],
     score_errors: Counter[str],
+    costs: CostTally,
 ) -> tuple[pa.Table, list[str]]:
-    """One batch's result rows (plan order, scored) and each row's group label."""
+    """One batch's result rows (plan order, scored, priced) and each row's group label."""
     indices = pc.index_in(rows.column("item_key"), value_set=stored.column("item_key"))
     if indices.null_count:
         raise ValueError("a committed batch lacks some of its rows")  # its key says otherwise
@@ -137,6 +190,7 @@ def _score_chunk(
         "item_id": rows.column("item_id"),
         "item_index": rows.column("item_index"),
         "trial": rows.column("trial"),
+        "cost_usd": costs.add(generation),
     }
     for field in RESULT_BASE_FIELDS:
         if field.name not in columns:

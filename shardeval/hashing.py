@@ -5,7 +5,8 @@ What identifies a result is *what was asked of which model*, nothing about where
 * **model fingerprint** = provider, model, revision, params (and ``function`` for the python
   provider). Left out on purpose: ``api_key_env`` and the key (secrets), ``base_url`` (where the
   model is, not which model it is), ``concurrency``, ``timeout_s``, ``max_retries`` and
-  ``prefect_limit`` (how we call it, not what we ask).
+  ``prefect_limit`` (how we call it, not what we ask), ``pricing`` and ``max_cost_usd`` (what
+  it costs, not what it answers).
 * **item key** = (model fingerprint, rendered messages, trial). Editing one dataset row changes
   only that row's key; editing a field the prompt does not use changes no key at all.
 * **batch key** = the batch's item keys, in order.

@@ -28,19 +28,28 @@ def quiet_prefect(verbose: bool = False) -> None:
 
 
 def start_prefect(show: bool) -> None:
-    """Start Prefect's API client (and its temporary server, without PREFECT_API_URL)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
+    """Choose the Prefect API (see shardeval.local_server) and check that it answers.
 
-    api_url = PREFECT_API_URL.value()  # the environment or the active Prefect profile
-    if api_url:
-        message = f"Connecting to Prefect at {api_url}..."
+    Without an explicit ``PREFECT_API_URL`` this is shardeval's local server, started once in
+    a session of its own (so the terminal's Ctrl-C never reaches it) and reused by later runs;
+    ``SHARDEVAL_LOCAL_SERVER=0`` keeps Prefect's temporary in-process server.
+    """
+    from shardeval.display import err_console
+    from shardeval.local_server import use_prefect_api
+
+    api = use_prefect_api(waiting=lambda message: spinner(message, enabled=show))
+    if api.message:
+        from rich.markup import escape
+
+        err_console.print(f"[dim]{escape(api.message)}[/]")
+    if api.url:
+        message = f"Connecting to Prefect at {api.url}..."
     else:
-        message = (
-            "Starting Prefect's temporary API server (10-20 s; "
-            "`prefect server start --background` skips this)..."
-        )
-    with spinner(message, enabled=show), get_client(sync_client=True) as client:
+        message = "Starting Prefect's temporary API server (10-20 s)..."
+    from prefect.client.orchestration import get_client
+
+    shown = show and api.source != "local"  # the local server was just checked: no spinner
+    with spinner(message, enabled=shown), get_client(sync_client=True) as client:
         client.api_healthcheck()
 
 
@@ -50,6 +59,7 @@ def run_evaluate(
     wait: bool = False,
     task_runner: str = "threads",
     dask_address: str | None = None,
+    baseline: str | None = None,
     show: bool = False,
 ) -> dict[str, Any]:
     """Run the ``evaluate`` flow on ``session``; return its metrics.json content."""
@@ -68,5 +78,6 @@ def run_evaluate(
         wait=wait,
         task_runner=task_runner,
         dask_address=dask_address,
+        baseline=baseline,
     )
     return summary

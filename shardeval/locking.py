@@ -5,7 +5,10 @@ stores), names its holder (host, pid, since) and is renewed by a heartbeat threa
 process that finds it either refuses, naming the holder, or waits (``--wait``). A lease left
 by a killed process never blocks forever: it is taken over when its holder is on this host
 and no longer alive, or when the lease has not been renewed for ``lease_s`` seconds (the only
-test possible across machines). On stores without conditional writes two processes racing in
+test possible across machines). A process that finds its lease taken over stops the run's
+requests (:func:`shardeval.interrupt.stop_run`, reason ``lease_lost``) and ends with exit 1
+naming the new holder; it holds new requests back as soon as its last renewal is old enough
+for a takeover to be possible. On stores without conditional writes two processes racing in
 the same instant could both believe they won; see docs/storage-object.md.
 """
 
@@ -22,10 +25,27 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shardeval import interrupt
-from shardeval.errors import RunInterrupted, RunLockedError
+from shardeval.errors import RunInterrupted, RunLockedError, SpecError
 from shardeval.storage import RunStore
 
 DEFAULT_LEASE_S = 60.0
+LEASE_ENV = "SHARDEVAL_LEASE_S"
+"""Overrides the lease length (seconds; tests use a few seconds to provoke a takeover)."""
+SEND_MARGIN = 0.8
+"""Requests are sent only while the last renewal is younger than this share of the lease:
+after that another process may take the run over, and a request sent then could be paid twice."""
+
+
+def default_lease_s() -> float:
+    """``SHARDEVAL_LEASE_S`` if set (at least 1 s), else 60 s."""
+    raw = os.environ.get(LEASE_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_LEASE_S
+    except ValueError:
+        value = 0.0
+    if value < 1.0:
+        raise SpecError(f"{LEASE_ENV}={raw!r}: expected seconds, at least 1")
+    return value
 
 
 def pid_alive(pid: int) -> bool:
@@ -42,14 +62,16 @@ def pid_alive(pid: int) -> bool:
 class RunLock:
     """The lease of one run. Use as a context manager."""
 
-    def __init__(self, store: RunStore, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(self, store: RunStore, *, lease_s: float | None = None) -> None:
         self.store = store
         self.path = store.path("lock.json")
-        self.lease_s = lease_s
+        self.lease_s = lease_s if lease_s is not None else default_lease_s()
         self.token = secrets.token_hex(8)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
+        self.taken_by: dict[str, Any] | None = None
+        """The record of whoever took the run over, once :attr:`lost`."""
 
     def _record(self, since: str | None = None) -> dict[str, Any]:
         now = time.time()
@@ -111,12 +133,11 @@ class RunLock:
                     hint="wait for it to finish, pass --wait to queue behind it, or use "
                     "--run-id/--fresh for a separate run",
                 )
-            if interrupt.stop_requested():
+            if interrupt.stop_for(self.store.run_id).wait(poll_s):
                 raise RunInterrupted(
                     f"stopped while waiting for run {self.store.run_id} (held by host "
                     f"{record.get('host')}, pid {record.get('pid')})"
                 )
-            time.sleep(poll_s)
             record = self.holder()
 
     def _verify(self) -> bool:
@@ -145,27 +166,57 @@ class RunLock:
                 self.store.delete([self.path])
 
     def _start_heartbeat(self) -> None:
+        self._confirmed(time.monotonic())
         self._thread = threading.Thread(target=self._heartbeat, name="shardeval-lease", daemon=True)
         self._thread.start()
 
+    def _confirmed(self, at: float) -> None:
+        """The lease was ours at ``at`` (monotonic): requests may go out until the margin."""
+        interrupt.stop_for(self.store.run_id).send_until = at + self.lease_s * SEND_MARGIN
+
     def _heartbeat(self) -> None:
+        """Renew the lease every third of it; stop the run the moment it is someone else's.
+
+        The run's engine holds new requests once the last renewal is older than
+        ``SEND_MARGIN`` of the lease (a process paused past its lease, a store that does not
+        answer), so a process that lost its lease sends nothing after the takeover; the
+        requests already in flight finish and are kept.
+        """
         since = None
         while not self._stop.wait(self.lease_s / 3):
             try:
+                started = time.monotonic()
                 record = self.holder()
                 if record is None or record.get("token") != self.token:
-                    self.lost = True
+                    self._lose(record)
                     return
                 since = since or record.get("since")
                 self.store.write_bytes(self.path, json.dumps(self._record(since)).encode())
+                self._confirmed(started)
             except Exception:  # a store hiccup: try again at the next beat
                 continue
+
+    def _lose(self, record: dict[str, Any] | None) -> None:
+        self.lost = True
+        self.taken_by = record
+        if record is None:
+            who = "its lease was removed by another process"
+        else:
+            who = (
+                f"it was taken over by host {record.get('host')}, pid {record.get('pid')} "
+                f"(since {record.get('since')}) after this process had not renewed its "
+                f"{self.lease_s:g}s lease"
+            )
+        interrupt.stop_run(
+            self.store.run_id, "lease_lost", f"run {self.store.run_id} stopped sending: {who}"
+        )
 
     def release(self) -> None:
         """Stop renewing and remove the lease if it is still ours."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            interrupt.stop_for(self.store.run_id).send_until = None
         try:
             record = self.holder()
             if record is not None and record.get("token") == self.token:

@@ -57,6 +57,8 @@ class RunPlan:
     dataset: Dataset
     rows: pa.Table  # item_index, item_id, trial, item_key
     batches: list[BatchRef] = field(default_factory=list)
+    limit: int | None = None
+    """``--limit``, if the plan covers only the first N items (recorded in spec.json)."""
 
     @property
     def n_rows(self) -> int:
@@ -142,24 +144,53 @@ def cut_batches(keys: list[str], size: int) -> list[BatchRef]:
 
 @dataclass(frozen=True)
 class PlanDiff:
-    """How the dataset changed since the previous attempt of the same run."""
+    """How the plan changed since the previous attempt of the same run.
+
+    Items that came or went because ``--limit`` changed (the plans are then a prefix of one
+    another) are counted apart: the dataset did not change.
+    """
 
     added: int
     removed: int
     edited: int
+    limit_raised: int = 0
+    """Items in the plan now because the limit was raised (or dropped)."""
+    limit_lowered: int = 0
+    """Items out of the plan now because the limit was lowered."""
 
     @property
     def changed(self) -> bool:
-        """Whether anything changed."""
+        """Whether the dataset changed (a changed ``--limit`` alone is not a change)."""
         return bool(self.added or self.removed or self.edited)
 
     def describe(self) -> str:
         """``3 added, 1 edited, 0 removed``."""
         return f"{self.added:,} added, {self.edited:,} edited, {self.removed:,} removed"
 
+    def explain(self) -> str:
+        """What a person is told on resume (empty when nothing changed)."""
+        notes = []
+        if self.limit_raised:
+            notes.append(f"limit raised: {self.limit_raised:,} more items")
+        if self.limit_lowered:
+            notes.append(f"limit lowered: {self.limit_lowered:,} fewer items")
+        if self.changed:
+            notes.append(f"dataset changed since the last attempt: {self.describe()}")
+        return "; ".join(notes)
 
-def diff_plans(previous: pa.Table, current: pa.Table) -> PlanDiff:
-    """Compare two plans' (item_id → keys) maps."""
+
+def diff_plans(
+    previous: pa.Table,
+    current: pa.Table,
+    *,
+    previous_limit: int | None = None,
+    limit: int | None = None,
+) -> PlanDiff:
+    """Compare two plans' (item_id → keys) maps.
+
+    With the limits of both attempts: when one plan's items are the first items of the other
+    and the shorter one was cut by its limit, the difference is the limit's, not the dataset's.
+    """
 
     def by_id(table: pa.Table) -> dict[str, tuple[str, ...]]:
         out: dict[str, list[str]] = {}
@@ -170,7 +201,26 @@ def diff_plans(previous: pa.Table, current: pa.Table) -> PlanDiff:
         return {k: tuple(v) for k, v in out.items()}
 
     old, new = by_id(previous), by_id(current)
+    if (
+        previous_limit is not None
+        and len(old) == previous_limit < len(new)
+        and (limit is None or limit > previous_limit)
+        and _is_prefix(old, new)
+    ):
+        return PlanDiff(0, 0, 0, limit_raised=len(new) - len(old))
+    if (
+        limit is not None
+        and len(new) == limit < len(old)
+        and (previous_limit is None or previous_limit > limit)
+        and _is_prefix(new, old)
+    ):
+        return PlanDiff(0, 0, 0, limit_lowered=len(old) - len(new))
     added = sum(1 for k in new if k not in old)
     removed = sum(1 for k in old if k not in new)
     edited = sum(1 for k, v in new.items() if k in old and old[k] != v)
     return PlanDiff(added=added, removed=removed, edited=edited)
+
+
+def _is_prefix(short: dict[str, tuple[str, ...]], long: dict[str, tuple[str, ...]]) -> bool:
+    """Whether ``short``'s items (in order, same keys) are the first items of ``long``."""
+    return all(a == b and short[a] == long[b] for a, b in zip(short, long, strict=False))

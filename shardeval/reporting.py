@@ -13,6 +13,42 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def usd(value: float) -> str:
+    """``$1.23``, or ``$0.0042`` for amounts below a cent (still visibly not zero)."""
+    if value == 0 or abs(value) >= 0.01:
+        return f"${value:,.2f}"
+    return f"${value:.2g}" if abs(value) < 0.0001 else f"${value:.4f}"
+
+
+def cost_text(summary: dict[str, Any], *, all_from_storage: bool = False) -> str | None:
+    """``cost: $1.23 (saved $0.40 by rows from storage); price from spec`` or ``cost unknown``.
+
+    None for a metrics.json written before costs existed. An unpriced model is never shown
+    as $0: the line names the model(s) without a price. ``all_from_storage``: this attempt
+    answered every row from storage (a rerun of a complete run), so it saved the whole cost,
+    whatever the stored metrics.json says its own attempt saved.
+    """
+    cost = summary.get("cost")
+    if not isinstance(cost, dict):
+        return None
+    if not cost.get("priced"):
+        missing = ", ".join(cost.get("unpriced") or [cost.get("model") or "the model"])
+        known = [p for p in cost.get("parts", []) if p.get("usd") is not None]
+        extra = "; priced part: " + ", ".join(f"{p['what']} {usd(p['usd'])}" for p in known)
+        return f"cost unknown: no price for {missing}" + (extra if known else "")
+    if cost.get("usd") is None:
+        missing = ", ".join(cost.get("without_tokens") or [cost.get("model") or "the model"])
+        return f"cost unknown: no token counts from {missing}"
+    text = f"cost: {usd(cost['usd'])}"
+    saved = cost["usd"] if all_from_storage else cost.get("saved_usd")
+    if saved:
+        text += f" (saved {usd(saved)} by rows from storage)"
+    text += f"; price from {cost.get('source')}"
+    if cost.get("rows_without_tokens"):
+        text += f"; {cost['rows_without_tokens']:,} rows without token counts not included"
+    return text
+
+
 def metrics_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per metric: name, mean, 95% CI, n (the Prefect table artifact)."""
     rows = []
@@ -58,6 +94,9 @@ def summary_markdown(
         f"- requests sent this attempt: {run_stats.get('sent', 0):,}; "
         f"rows from the cache: {run_stats.get('from_cache', 0):,}",
     ]
+    cost = cost_text(summary)
+    if cost:
+        lines.append(f"- {cost}")
     groups = summary.get("by_group") or {}
     if groups:
         names = sorted({m for g in groups.values() for m in g.get("metrics", {})})
@@ -75,4 +114,6 @@ def summary_markdown(
     if errors:
         lines.append("- errors by kind: " + ", ".join(f"{k}: {v}" for k, v in errors.items()))
     lines += ["", f"- results: `{results_uri}`", f"- metrics: `{metrics_uri}`"]
+    if summary.get("report"):
+        lines.append(f"- report: `{summary['report']}` (one self-contained page)")
     return "\n".join(lines) + "\n"

@@ -46,12 +46,31 @@ RESULT_BASE_FIELDS: list[pa.Field] = [
     pa.field("http_status", pa.int64()),
     pa.field("finish_reason", pa.string()),
     pa.field("item_key", pa.string()),
+    pa.field("cost_usd", pa.float64()),  # null when unpriced or tokens unknown, never 0
 ]
 
 
-def results_schema(score_columns: Sequence[str]) -> pa.Schema:
-    """Schema of results.parquet for the given ``score_<name>`` columns."""
-    return pa.schema([*RESULT_BASE_FIELDS, *(pa.field(c, pa.float64()) for c in score_columns)])
+PROMPT_FIELD = pa.field("prompt", pa.string())
+"""The rendered last user message: what the model was asked, next to what it answered."""
+
+
+def results_schema(
+    score_columns: Sequence[str], target_columns: Sequence[str] | None = None
+) -> pa.Schema:
+    """Schema of results.parquet for the given ``score_<name>`` columns.
+
+    With ``target_columns`` (``target_<metric>``, the expected answers as text), the file's
+    schema: ``prompt`` and the targets come between the base fields and the scores. Without,
+    the schema finalizing keeps in memory (the text columns are added per chunk as written).
+    """
+    text = (
+        []
+        if target_columns is None
+        else [PROMPT_FIELD, *(pa.field(c, pa.string()) for c in target_columns)]
+    )
+    return pa.schema(
+        [*RESULT_BASE_FIELDS, *text, *(pa.field(c, pa.float64()) for c in score_columns)]
+    )
 
 
 def outcomes_table(

@@ -36,8 +36,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shardeval import interrupt
 from shardeval.engine import Engine, Outcome
-from shardeval.errors import RunInterrupted, StorageError, TransientProviderError
+from shardeval.errors import (
+    RunInterrupted,
+    ShardevalError,
+    StorageError,
+    TransientProviderError,
+)
+from shardeval.finality import drop_auth_rows, has_auth_rows
+from shardeval.objectstore import describe_error
 from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress, progress_for
 from shardeval.providers.base import ProviderRequest
@@ -46,6 +54,12 @@ from shardeval.spec import ModelSpec
 from shardeval.storage import PARQUET_COMPRESSION, RunStore
 
 logger = logging.getLogger("shardeval.runner")
+
+WRITE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+"""Waits between the attempts to write a batch's buffered rows once writes fail (ENOSPC, an
+S3 hiccup): a few seconds in all, so that a store that comes back keeps them."""
+STORAGE_GRACE_S = 5.0
+"""Requests in flight when the first write fails get this long (their answers are buffered)."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +133,14 @@ class BatchPointer:
 class BatchIncomplete(TransientProviderError):
     """Some items of a batch failed transiently beyond the retries; they were not stored."""
 
-    def __init__(self, label: str, failed: int, example: str | None) -> None:
+    def __init__(self, label: str, failed: int, example: str | None, run_id: str = "") -> None:
         super().__init__(
             f"{label}: {failed} item(s) failed transiently after retries"
             + (f" (e.g. {example})" if example else "")
             + "; they were not stored and a rerun will retry them",
         )
         self.failed = failed
+        self.run_id = run_id
 
 
 def run_batch(
@@ -133,7 +148,9 @@ def run_batch(
 ) -> BatchPointer:
     """Run one batch to its committed file (see the module docstring)."""
     unique_keys = list(dict.fromkeys(r.key for r in work.requests))
-    committed = None if work.nothing_stored else _read_committed(store, work)
+    committed, keep_committed = (
+        (None, False) if work.nothing_stored else _read_committed(store, work)
+    )
     if committed is not None:
         # A kill between the commit and the removal of the parts leaves some behind; the
         # committed file holds every row, so they are only clutter. (No Prefect record was
@@ -146,7 +163,7 @@ def run_batch(
         progress.batch_finished()
         return BatchPointer(work.key, store.url_of(store.batch_path(work.key)), committed)
 
-    stored, read_parts = _stored_rows(store, work)
+    stored, read_parts = _stored_rows(store, work, keep_committed or work.retry_failed)
     if work.retry_failed and stored.num_rows:
         stored = stored.filter(pc.equal(stored.column("status"), "ok"))
     have = set(stored.column("item_key").to_pylist())
@@ -162,9 +179,15 @@ def run_batch(
     finally:
         flusher.close()
 
+    stop = interrupt.stop_for(work.run_id)
+    if stop.requested and not complete:
+        # Transient failures while stopping are not worth a task retry (they are not
+        # stored; the rerun sends them), and a retry would only delay the exit.
+        raise RunInterrupted(f"{work.label}: stopped ({stop.reason}); finished items were saved")
     if transient:
+        engine.raise_if_stopped()  # the endpoint is gone, or the key is wrong: say so
         example = transient[0].error
-        raise BatchIncomplete(work.label, len(transient), example)
+        raise BatchIncomplete(work.label, len(transient), example, work.run_id)
     if not complete:  # the rest were cancelled: a stop, or the engine closed
         raise RunInterrupted(f"{work.label}: stopped; finished items were saved")
 
@@ -175,7 +198,9 @@ def run_batch(
     unflushed = flusher.take()
     try:
         store.write_table(store.batch_path(work.key), table)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            flusher.note_failure(exc, store.batch_path(work.key))
         flusher.restore(unflushed)
         with contextlib.suppress(Exception):  # the commit's error is the one to report
             flusher.flush()
@@ -208,22 +233,32 @@ def _meta(requests: list[PlannedRequest]) -> tuple[dict[str, str], dict[str, int
     return {r.key: r.item_id for r in requests}, {r.key: r.trial for r in requests}
 
 
-def _read_committed(store: RunStore, work: BatchWork) -> int | None:
-    """Rows of the committed batch file, or None if it must be (re)computed."""
-    table = store.read_table(store.batch_path(work.key), columns=["item_key", "status"])
+def _read_committed(store: RunStore, work: BatchWork) -> tuple[int | None, bool]:
+    """Rows of the committed batch file, or None if it must be (re)computed.
+
+    The flag says whether the file exists but holds rows to send again (error rows with
+    ``retry_failed``, 401/403 rows of an earlier version): its other rows are then reused.
+    """
+    table = store.read_table(
+        store.batch_path(work.key), columns=["item_key", "status", "http_status"]
+    )
     if table is None:
-        return None
+        return None, False
     if work.retry_failed and pc.any(pc.equal(table.column("status"), "error")).as_py():
-        return None
-    return int(table.num_rows)
+        return None, True
+    if has_auth_rows(table):  # 401/403 rows of an earlier version: send those again
+        return None, True
+    return int(table.num_rows), False
 
 
-def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]:
+def _stored_rows(
+    store: RunStore, work: BatchWork, with_committed: bool
+) -> tuple[pa.Table, list[str]]:
     """Rows already stored for this batch, and the parts that were read.
 
-    Sources are the batch's own parts, then other files the plan named (and, with
-    ``retry_failed``, its own committed file); the parts read are deleted once the batch is
-    committed.
+    Sources are the batch's own parts, then other files the plan named (and, when
+    ``with_committed``, its own committed file); the parts read are deleted once the batch
+    is committed.
     """
     wanted = {r.key for r in work.requests}
     tables = []
@@ -231,9 +266,10 @@ def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]
     own_parts = [] if work.nothing_stored else store.list_batch_parts(work.key)
     sources: list[tuple[str, set[str] | None]] = [(path, None) for path in own_parts]
     sources += [(path, set(keys)) for path, keys in work.reuse.items()]
-    if work.retry_failed:
-        # The committed file of a batch being retried for its error rows: its ok rows stand
-        # (the caller drops the error rows), so only the failed items are sent again.
+    if with_committed:
+        # The committed file of a batch being retried for its error rows (its ok rows stand;
+        # the caller drops the error rows), or holding 401/403 rows of an earlier version:
+        # only the failed items are sent again.
         sources.append((store.batch_path(work.key), wanted))
     for path, keys in sources:
         table = store.read_table(path)
@@ -241,7 +277,7 @@ def _stored_rows(store: RunStore, work: BatchWork) -> tuple[pa.Table, list[str]]
             continue
         if keys is None:
             read_parts.append(path)
-        table = conform(table)
+        table = drop_auth_rows(conform(table))  # never final (shardeval.finality)
         mask = pc.is_in(table.column("item_key"), value_set=pa.array(sorted(keys or wanted)))
         tables.append(table.filter(mask))
     if not tables:
@@ -344,15 +380,19 @@ class _PartFlusher:
         self.window.register(self)
 
     def add(self, outcome: Outcome) -> None:
-        self._raise_failed_write()
         with self._lock:
             self.buffer.append(outcome)
+            failing = self._failed is not None
+        if failing:  # writes fail: keep it in memory; flush() retries before giving up
+            return
         if self.window.full(self.work.flush_every_items):
             self.window.flush_all(self)
         elif self.due():
             self.flush_soon()
 
     def due(self) -> bool:
+        if self._failed is not None:  # writes fail: flush() retries them at the batch's end
+            return False
         return bool(self.buffer) and time.monotonic() - self.last_flush >= self.work.flush_every_s
 
     def flush_soon(self) -> None:
@@ -368,10 +408,21 @@ class _PartFlusher:
         """
         with self._lock:
             self._lock.wait_for(lambda: self._writing == 0)
-        self._raise_failed_write()
-        cut = self.cut()
-        if cut is not None:
-            self.write(*cut)
+        for delay in (*WRITE_RETRY_DELAYS_S, None):
+            cut = self.cut()
+            if cut is None:
+                break
+            try:
+                self.write(*cut)
+                break
+            except Exception as exc:
+                self.note_failure(exc, cut[0])
+                if delay is None:
+                    raise
+                logger.info("%s: retrying the write in %gs", self.work.label, delay)
+                time.sleep(delay)
+        with self._lock:
+            self._failed = None
 
     def cut(self) -> tuple[str, list[Outcome]] | None:
         """Take the buffered rows and name their part; None if there are none.
@@ -409,15 +460,26 @@ class _PartFlusher:
         try:
             self.write(path, rows)
         except Exception as exc:
-            logger.warning("could not flush %s: %s", self.work.label, exc)
-            with self._lock:
-                self._failed = exc
+            self.note_failure(exc, path)
 
-    def _raise_failed_write(self) -> None:
+    def note_failure(self, exc: BaseException, path: str = "") -> None:
+        """A write failed: stop the run's requests at once; the rows stay in memory.
+
+        Every answer that arrives after the store stopped taking writes is paid for and can
+        only be lost, so the whole run stops sending (a full disk or an expired credential
+        fails every batch alike). The requests in flight get a short grace, their answers are
+        buffered, and :meth:`flush` retries the write before the batch gives up.
+        """
         with self._lock:
-            failed, self._failed = self._failed, None
-        if failed is not None:
-            raise failed
+            self._failed = exc
+        if isinstance(exc, ShardevalError):
+            text = exc.message
+        else:  # e.g. FileNotFoundError of a vanished bucket, which the store passes through
+            where = f" {self.store.url_of(path)}" if path else ""
+            text = f"storage failed to write{where}: {describe_error(exc)}"
+        # stop_run says it once for the run; every batch's failure is logged for --verbose.
+        logger.info("could not flush %s: %s", self.work.label, text)
+        interrupt.stop_run(self.work.run_id, "storage_failed", text, grace_period_s=STORAGE_GRACE_S)
 
     def take(self) -> list[Outcome]:
         """Empty the buffer for a caller that stores its rows another way (the batch file).

@@ -18,7 +18,7 @@ Nothing here imports Prefect.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,9 +26,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from shardeval import __version__
-from shardeval.engine import close_engines
+from shardeval import __version__, interrupt
+from shardeval.engine import close_engines, stop_error
 from shardeval.errors import RunIncomplete
+from shardeval.finality import summary_has_auth_errors
 from shardeval.finalize import Finalized, finalize, is_current, keep_history
 from shardeval.hashing import default_run_id, model_fingerprint, run_id_inputs
 from shardeval.judging import (
@@ -112,14 +113,18 @@ class RunSession:
         batch_size: int | None = None,
         concurrency: int | None = None,
         flow_run_id: str | None = None,
+        overrides: Sequence[str] = (),
     ) -> RunSession:
         """Validate the spec, build the plan and choose the run id (raises exit-2 errors).
 
         ``flow_run_id`` is set for a deployment run: without an explicit ``run_id`` each flow
         run is a new eval run (a nightly schedule measures tonight's model), and a retry of the
-        same flow run, which keeps its id, resumes it.
+        same flow run, which keeps its id, resumes it. ``overrides`` are ``--set``/``--model``
+        as ``FIELD=VALUE`` strings (:mod:`shardeval.overrides`), applied before the run id.
         """
-        eval_spec = resolve_spec(spec, batch_size=batch_size, concurrency=concurrency)
+        eval_spec = resolve_spec(
+            spec, batch_size=batch_size, concurrency=concurrency, overrides=overrides
+        )
         validated = validate(eval_spec, limit=limit)
         out = output or eval_spec.output
         if run_id is None and not fresh and flow_run_id:
@@ -160,6 +165,8 @@ class RunSession:
         if self.retry_failed:
             return None
         summary = self.store.read_json(self.store.metrics_path)
+        if summary_has_auth_errors(summary):
+            return None  # 401/403 rows of an earlier version are sent again
         if not is_current(summary, plan_fingerprint=self.plan.fingerprint(), metrics=self.metrics):
             return None
         if not self.store.exists(self.store.results_path):
@@ -168,17 +175,28 @@ class RunSession:
         assert isinstance(summary, dict)
         return summary
 
+    def preflight(self) -> None:
+        """Prove every endpoint the run calls answers, with this model and key (exit 2 if not).
+
+        Called before any batch: by the CLI and ``shardeval.run`` before Prefect starts, and by
+        the flow's prepare task for a deployment run (docs/cli.md, the preflight).
+        """
+        from shardeval.preflight import preflight
+
+        preflight(self.spec)
+
     # ----------------------------------------------------------------- attempt
     @contextmanager
     def lease(self, *, wait: bool = False) -> Iterator[None]:
         """Hold the run's lease (one writer per run); close the run's engines at the end."""
         lock = RunLock(self.store)
-        lock.acquire(wait=wait)
         try:
+            lock.acquire(wait=wait)
             yield
         finally:
-            lock.release()
+            lock.release()  # only removes the lease if it is ours
             close_engines(self.run_id)
+            interrupt.forget(self.run_id)  # the next run of this id in this process starts clean
 
     @contextmanager
     def attempt(self, *, wait: bool = False) -> Iterator[str]:
@@ -210,6 +228,7 @@ class RunSession:
             "model_fingerprint": model_fingerprint(spec.model),
             "metric_fingerprints": {m.name: m.fingerprint() for m in self.metrics},
             "plan_fingerprint": self.plan.fingerprint(),
+            "limit": self.plan.limit,
             "batch_keys": [b.key for b in self.plan.batches],
             "started_at": self.stats.started_at.isoformat(timespec="seconds"),
             "shardeval_version": __version__,
@@ -286,9 +305,16 @@ class RunSession:
             tidy_judges(self.store, metric)
 
     def require(self, stage: Stage, failures: list[str]) -> None:
-        """Raise :class:`RunIncomplete` if a stage's batches failed (the rest are kept)."""
+        """Raise :class:`RunIncomplete` if a stage's batches failed (the rest are kept).
+
+        If the run stopped sending (its endpoint went away, or rejected the key), that error
+        is raised instead: it says what to fix, the batch failures only follow from it.
+        """
         if not failures:
             return
+        stopped = stop_error(self.run_id)
+        if stopped is not None:
+            raise stopped
         shown = "; ".join(failures[:5]) + ("; ..." if len(failures) > 5 else "")
         raise RunIncomplete(
             f"{len(failures)} of {stage.n_batches} batches could not finish ({stage.phase}): "
@@ -361,6 +387,6 @@ def describe_resume(run_id: str, plan: RunPlan, found: Survey) -> str:
     if found.diff is None and not found.done_rows:
         return f"starting run {run_id}: {total:,} requests in {len(plan.batches)} batches"
     text = f"resuming run {run_id}: {found.done_rows:,} of {total:,} done"
-    if found.diff is not None and found.diff.changed:
-        text += f"; dataset changed since the last attempt: {found.diff.describe()}"
+    if found.diff is not None and found.diff.explain():
+        text += f"; {found.diff.explain()}"
     return text

@@ -48,6 +48,15 @@ class PromptSpec(_Strict):
     """User message template; ``{{ field }}`` refers to the item's fields."""
 
 
+class PricingSpec(_Strict):
+    """USD per million tokens, as the provider bills them (overrides the pinned price table)."""
+
+    prompt_per_mtok: float = Field(ge=0)
+    """USD per million prompt (input) tokens."""
+    completion_per_mtok: float = Field(ge=0)
+    """USD per million completion (output) tokens."""
+
+
 class ModelSpec(_Strict):
     """The model under evaluation and how to reach it."""
 
@@ -73,6 +82,18 @@ class ModelSpec(_Strict):
     """Retries of a transient failure (timeout, 429, 5xx, connection) before giving up."""
     prefect_limit: str | None = None
     """Optional Prefect global concurrency limit that throttles requests across processes."""
+    unreachable_after_s: float = Field(default=30.0, gt=0)
+    """Stop the run (exit 1, resumable) when every request has failed to connect for this long.
+
+    Not part of the fingerprint (it says how long to wait for an endpoint, not which model).
+    """
+    pricing: PricingSpec | None = None
+    """Price of this model's tokens; without it the pinned table may price a known model name,
+    otherwise cost is unknown (null, never 0). Not part of the fingerprint: a price change
+    re-prices stored rows, it never re-sends them."""
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    """Stop sending once what the run has spent reaches this many USD (exit 1, resumable).
+    Needs a price (``pricing`` or a table entry). Not part of the fingerprint."""
 
     @field_validator("function")
     @classmethod
@@ -126,6 +147,8 @@ class EvalSpec(_Strict):
     """...or after this many finished items, whichever comes first."""
     grace_period_s: float = Field(default=5.0, ge=0)
     """On Ctrl-C/SIGTERM, how long requests in flight may finish before the run stops."""
+    report: bool = True
+    """Write ``report.html`` (one self-contained page) when the run completes."""
 
     _source: str | None = PrivateAttr(default=None)
 

@@ -35,6 +35,8 @@ from shardeval.finalize import is_current
 from shardeval.hashing import digest
 from shardeval.locking import RunLock
 from shardeval.planning import cut_batches
+from shardeval.pricing import Price, price_for, row_costs
+from shardeval.spec import ModelSpec
 from shardeval.storage import RunStore
 
 COUNT_COLUMNS = ["item_key", "status", "error_kind", "prompt_tokens", "completion_tokens"]
@@ -56,6 +58,9 @@ class RunStatus:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float | None = None
+    """What the stored rows cost at the run's price (None: no price, or no token counts)."""
+    price_source: str | None = None
     batches_total: int | None = None
     batches_committed: int = 0
     batches_in_progress: int = 0
@@ -95,6 +100,13 @@ class RunStatus:
             return "empty"
         return "stopped"
 
+    @property
+    def projected_cost_usd(self) -> float | None:
+        """The whole run's cost if the rest costs what the done rows did on average."""
+        if self.cost_usd is None or not self.done or not self.total:
+            return None
+        return round(self.cost_usd * self.total / self.done, 6)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``shardeval status --json``)."""
         return {
@@ -110,6 +122,8 @@ class RunStatus:
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
+                "cost_usd": self.cost_usd,
+                "projected_cost_usd": self.projected_cost_usd,
             },
             "batches": {
                 "total": self.batches_total,
@@ -183,8 +197,19 @@ def read_status(
         if plan_batches is not None:
             status.batches_committed += len(plan_batches & again)
             status.batches_in_progress -= len(plan_batches & again)
-    _count(status, tables, plan_keys)
+    _count(status, tables, plan_keys, _run_price(spec))
     return status
+
+
+def _run_price(record: Any) -> Price | None:
+    """The price of the run's model, from its spec.json (spec pricing or the pinned table)."""
+    if not isinstance(record, dict):
+        return None
+    try:
+        model = ModelSpec.model_validate((record.get("spec") or {}).get("model") or {})
+    except Exception:
+        return None
+    return price_for(model)
 
 
 def _json(data: bytes | None) -> Any:
@@ -271,7 +296,12 @@ def _counted(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=COUNT_COLUMNS)
 
 
-def _count(status: RunStatus, tables: list[pa.Table], plan_keys: list[str] | None) -> None:
+def _count(
+    status: RunStatus,
+    tables: list[pa.Table],
+    plan_keys: list[str] | None,
+    price: Price | None = None,
+) -> None:
     """One row per stored key (an ok row wins), then totals over the plan's keys."""
     if not tables:
         return
@@ -297,6 +327,11 @@ def _count(status: RunStatus, tables: list[pa.Table], plan_keys: list[str] | Non
     }
     status.prompt_tokens = int(pc.sum(best.column("prompt_tokens")).as_py() or 0)
     status.completion_tokens = int(pc.sum(best.column("completion_tokens")).as_py() or 0)
+    if price is not None and best.num_rows:
+        costs = row_costs(best.column("prompt_tokens"), best.column("completion_tokens"), price)
+        priced = pc.sum(costs).as_py()
+        status.cost_usd = None if priced is None else round(float(priced), 6)
+        status.price_source = price.source
 
 
 # ---------------------------------------------------------------------------------- display
@@ -330,6 +365,14 @@ def render_status(status: RunStatus) -> Group:
         "tokens",
         f"{status.prompt_tokens:,} prompt · {status.completion_tokens:,} completion",
     )
+    if status.cost_usd is not None:
+        projected = status.projected_cost_usd
+        cost = f"${status.cost_usd:,.4f} spent ({status.price_source} price)"
+        if projected is not None and status.done < (status.total or 0):
+            cost += f"; ~${projected:,.4f} for the whole run at this rate"
+        table.add_row("cost", cost)
+    else:
+        table.add_row("cost", "unknown (no price for this model, or no token counts)")
     table.add_row("held by", _holder_text(status))
     if status.complete:
         table.add_row(

@@ -42,7 +42,7 @@ def run_suite(
     unsupported: Mapping[str, object],
 ) -> None:
     """Run (or resume) every cell of a suite; print the evals × models table."""
-    from shardeval.cli import _configure_logging, _install_signal_handlers
+    from shardeval.cli import _configure_logging, _install_signal_handlers, _route_prefect_logs
 
     given = [option for option, value in unsupported.items() if value not in (None, False)]
     if given:
@@ -65,13 +65,15 @@ def run_suite(
         _print_result(suite, time.monotonic() - started)
         return
     show = not quiet and sys.stderr.isatty()
+    grace = max(c.session.spec.grace_period_s for c in suite.cells)
+    # The CLI's handler stops the suite (no new cell) and every active cell's run.
+    _install_signal_handlers(suite.suite_run_id, grace)
     with spinner("Loading Prefect...", enabled=show):
         from flows.suite import evaluate_suite
+    _route_prefect_logs(suite.store, verbose)
     from shardeval.launch import start_prefect
 
     start_prefect(show)
-    grace = max(c.session.spec.grace_period_s for c in suite.cells)
-    _install_signal_handlers(grace)
     try:
         with suite_progress(suite, enabled=not quiet):
             evaluate_suite(suite=suite, wait=wait)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shardeval.finality import drop_auth_rows, has_auth_rows, is_final, summary_has_auth_errors
 from shardeval.planning import PlanDiff, RunPlan, diff_plans
 from shardeval.storage import RunStore
 
@@ -37,13 +38,17 @@ class Survey:
 def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Survey:
     """Compare the plan with what is stored (see the module docstring)."""
     result = Survey()
-    committed_files, parts, previous = store.gather(
+    committed_files, parts, previous, summary, attempt = store.gather(
         store.list_batches,
         store.list_parts,
         lambda: store.read_table(store.plan_path, columns=["item_id", "item_key"]),
+        lambda: store.read_json(store.metrics_path),
+        lambda: store.read_json(store.spec_path),
     )
     plan_keys = {b.key for b in plan.batches}
     result.committed = plan_keys & committed_files
+    if summary_has_auth_errors(summary):
+        _reopen_auth_batches(store, result)
 
     elsewhere = stored_elsewhere(store, plan_keys, committed_files, parts)
     own_parts = {
@@ -63,7 +68,8 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
             result.done_rows += batch.stop - batch.start
             continue
         keys = row_keys.slice(batch.start, batch.stop - batch.start).to_pylist()
-        reuse: dict[str, list[str]] = {}
+        reuse: dict[str, list[str]] = result.reuse.get(batch.key, {})
+        result.done_rows += sum(len(found) for found in reuse.values())
         own = own_part_keys.get(batch.key, set())
         for key in keys:
             if key in own:
@@ -82,8 +88,29 @@ def survey(store: RunStore, plan: RunPlan, *, retry_failed: bool = False) -> Sur
                 result.error_batches.add(key)
 
     if previous is not None:
-        result.diff = diff_plans(previous, plan.rows)
+        previous_limit = attempt.get("limit") if isinstance(attempt, dict) else None
+        result.diff = diff_plans(
+            previous,
+            plan.rows,
+            previous_limit=previous_limit if isinstance(previous_limit, int) else None,
+            limit=plan.limit,
+        )
     return result
+
+
+def _reopen_auth_batches(store: RunStore, result: Survey) -> None:
+    """Committed batches holding 401/403 rows (an earlier version stored them) run again.
+
+    Their other rows are reused from the committed file, so only the rejected items are sent.
+    Only looked for when metrics.json counted such errors (a resume reads no batch otherwise).
+    """
+    keys = sorted(result.committed)
+    paths = [store.batch_path(key) for key in keys]
+    tables = store.read_tables(paths, columns=["item_key", "status", "http_status"])
+    for key, path, table in zip(keys, paths, tables, strict=True):
+        if table is not None and has_auth_rows(table):
+            result.committed.discard(key)
+            result.reuse[key] = {path: drop_auth_rows(table).column("item_key").to_pylist()}
 
 
 def stored_elsewhere(
@@ -125,16 +152,18 @@ def _index(store: RunStore, paths: list[str]) -> dict[str, dict[str, str]]:
     time (a resume with hundreds of parts is a few round trips, not hundreds).
     """
     found: dict[str, dict[str, str]] = {}
-    for path, table in zip(
-        paths, store.read_tables(paths, columns=["item_key", "status"]), strict=True
-    ):
+    columns = ["item_key", "status", "http_status"]
+    for path, table in zip(paths, store.read_tables(paths, columns=columns), strict=True):
         if table is None:
             continue
         final: dict[str, str] = {}
-        for key, status in zip(
-            table.column("item_key").to_pylist(), table.column("status").to_pylist(), strict=True
+        for key, status, http_status in zip(
+            table.column("item_key").to_pylist(),
+            table.column("status").to_pylist(),
+            table.column("http_status").to_pylist(),
+            strict=True,
         ):
-            if status in ("ok", "error") and final.get(key) != "ok":
+            if is_final(status, http_status) and final.get(key) != "ok":
                 final[key] = status
         found[path] = final
     return found

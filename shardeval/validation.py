@@ -53,4 +53,5 @@ def validate(spec: EvalSpec, *, limit: int | None = None) -> Validated:
                 hint=f"fields in the dataset: {', '.join(sorted(dataset.fields))}",
             )
     plan = build_plan(spec, dataset)
+    plan.limit = limit
     return Validated(spec=spec, dataset=dataset, metrics=metrics, plan=plan)

@@ -37,7 +37,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import task_run
 
-from shardeval.engine import close_engines, engine_for
+from shardeval.engine import close_engines, engine_for, run_stopped
 from shardeval.errors import SpecError
 from shardeval.progress import forget
 from shardeval.runner import BatchIncomplete, BatchWork, RunRef, run_batch
@@ -68,11 +68,15 @@ def batch_run_name() -> str:
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a batch only for transient failures; permanent ones are already error rows."""
+    """Retry a batch only for transient failures; permanent ones are already error rows.
+
+    Never once the run has stopped sending (its endpoint is unreachable or rejected the key):
+    a retry would only knock on a dead endpoint again.
+    """
     try:
         state.result()
-    except BatchIncomplete:
-        return True
+    except BatchIncomplete as exc:
+        return not run_stopped(getattr(exc, "run_id", None) or None)
     except Exception:
         return False
     return False

@@ -16,8 +16,12 @@ def prepare_run(spec: str | Mapping[str, Any] | RunSession, **options: Any) -> R
     """Everything checked before any model call; the plan holds keys, not messages.
 
     A session prepared by the CLI or ``shardeval.run`` (which validate before Prefect starts,
-    so bad input fails in a second) is used as it is: the dataset is read once.
+    so bad input fails in a second, and check the endpoint) is used as it is: the dataset is
+    read once.
     """
     if isinstance(spec, RunSession):
         return spec
-    return RunSession.prepare(spec, **options)
+    session = RunSession.prepare(spec, **options)
+    if session.answer_from_storage() is None:
+        session.preflight()  # a deployment run: a wrong endpoint or key fails here, not per item
+    return session

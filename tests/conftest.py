@@ -4,6 +4,10 @@
 * ``prefect_api``: one real ``prefect server start`` per test session, for tests that start
   the CLI as a subprocess many times (each would otherwise start Prefect's temporary server).
 * ``run_cli``: runs ``python -m shardeval ...`` as a subprocess and returns the result.
+
+A CLI run without ``PREFECT_API_URL`` starts shardeval's local Prefect server in
+``SHARDEVAL_HOME``: the session points that at a temporary directory (so no test leaves a server
+running in the user's ``~/.shardeval``) and stops whatever was started there when it ends.
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.pop("PREFECT_API_URL", None)
+    os.environ["SHARDEVAL_HOME"] = tempfile.mkdtemp(prefix="shardeval-home-")
+    # A session killed before its teardown leaves at most a server that soon stops itself.
+    os.environ.setdefault("SHARDEVAL_SERVER_IDLE_S", "600")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_prefect_server() -> Iterator[None]:
+    """Stop the local Prefect server a default-mode CLI run started in the session's home."""
+    yield
+    from shardeval.local_server import stop_local_server
+
+    stop_local_server(Path(os.environ["SHARDEVAL_HOME"]))
 
 
 def free_port() -> int:
@@ -89,3 +105,15 @@ def run_cli(prefect_api: str) -> Any:
         )
 
     return run
+
+
+SLOW_DIRECTORIES = ("crash", "s3", "deploy")
+"""Every test in these directories starts subprocesses or servers: part of the full suite only."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark crash, S3 and deployment tests slow, so `pytest -m "not slow"` is the fast loop."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT).parts
+        if len(parts) > 2 and parts[0] == "tests" and parts[1] in SLOW_DIRECTORIES:
+            item.add_marker(pytest.mark.slow)

@@ -11,7 +11,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("compare", "alerts", "report", "server")
 """Modules of this package that add commands (``shardeval.commands.<name>``)."""
 
 

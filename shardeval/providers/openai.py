@@ -17,7 +17,12 @@ from typing import Any
 
 import aiohttp
 
-from shardeval.errors import PermanentProviderError, SpecError, TransientProviderError
+from shardeval.errors import (
+    ConnectionFailedError,
+    PermanentProviderError,
+    SpecError,
+    TransientProviderError,
+)
 from shardeval.providers.base import Completion, ProviderRequest
 from shardeval.spec import ModelSpec
 
@@ -71,6 +76,10 @@ class OpenAIProvider:
                 raise _http_error(status, text, response.headers.get("Retry-After"))
         except TimeoutError as exc:
             raise TransientProviderError(f"timed out after {self._model.timeout_s:g}s") from exc
+        except aiohttp.ClientConnectionError as exc:
+            # Refused, DNS, reset, disconnected: nothing answered (the circuit breaker counts
+            # these; an HTTP error status is an answer).
+            raise ConnectionFailedError(f"connection error: {type(exc).__name__}: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise TransientProviderError(f"connection error: {type(exc).__name__}: {exc}") from exc
 
@@ -97,7 +106,7 @@ def _parse_completion(text: str) -> Completion:
 
 
 def _http_error(status: int, text: str, retry_after: str | None) -> Exception:
-    message = _error_message(text)
+    message = error_message(text)
     description = f"HTTP {status}: {message}"
     if status in TRANSIENT_4XX or status >= 500:
         return TransientProviderError(
@@ -106,7 +115,8 @@ def _http_error(status: int, text: str, retry_after: str | None) -> Exception:
     return PermanentProviderError(description, status=status)
 
 
-def _error_message(text: str) -> str:
+def error_message(text: str) -> str:
+    """The ``error.message`` of an OpenAI-style error body (or the start of the text)."""
     try:
         data = json.loads(text)
         error = data.get("error", data) if isinstance(data, dict) else data

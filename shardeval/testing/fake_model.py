@@ -185,6 +185,9 @@ class _FakeModel:
             return self._error(self.config.fail_status, failure)
         if problem is not None or key is None:
             return self._error(400, problem or "invalid request")
+        requested = body.get("model")
+        if self.config.strict_model and requested != self.config.model:
+            return self._error(404, f"The model `{requested}` does not exist.")
 
         text = last_user_message(messages)
         extra = 0.0

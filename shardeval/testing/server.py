@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_after=args.retry_after,
             require_api_key=args.require_api_key,
             model=args.model,
+            strict_model=args.strict_model,
         )
     except ValueError as exc:
         parser.error(str(exc))

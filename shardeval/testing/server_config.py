@@ -45,6 +45,8 @@ class ServerConfig:
             429 and 503 response, to test that clients honour it.
         require_api_key: If set, requests without ``Authorization: Bearer <key>`` get 401.
         model: The model name listed by ``/v1/models`` and used when a request names none.
+        strict_model: Answer 404 "model ... does not exist" (as OpenAI and vLLM do) to a completion
+            request naming another model; by default any model name is accepted.
     """
 
     latency_min: float = 0.0
@@ -58,7 +60,8 @@ class ServerConfig:
     down: bool = False
     retry_after: float | None = None
     require_api_key: str | None = None
-    model: str = "shardeval-test"
+    model: str = "test-model"
+    strict_model: bool = False
 
     def __post_init__(self) -> None:
         """Reject nonsense early: a bad ``/config`` body must be a 400, not a crashed handler."""
@@ -149,6 +152,8 @@ def config_to_argv(config: ServerConfig) -> list[str]:
         argv += ["--retry-after", repr(config.retry_after)]
     if config.require_api_key is not None:
         argv += ["--require-api-key", config.require_api_key]
+    if config.strict_model:
+        argv.append("--strict-model")
     return argv
 
 
@@ -182,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fail-next", type=int, default=defaults.fail_next)
     parser.add_argument("--down", action="store_true", help="start in outage mode")
     parser.add_argument("--retry-after", type=float, default=None)
-    parser.add_argument("--require-api-key", default=None)
+    parser.add_argument(
+        "--require-api-key",
+        default=None,
+        metavar="KEY",
+        help="answer 401 unless a request carries 'Authorization: Bearer KEY'",
+    )
     parser.add_argument("--model", default=defaults.model)
+    parser.add_argument(
+        "--strict-model",
+        action="store_true",
+        help="answer 404 to completions naming another model than --model",
+    )
     return parser

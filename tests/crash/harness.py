@@ -31,17 +31,39 @@ def crash_spec(directory: Path, server: TestServer, **overrides: Any) -> Path:
     )
 
 
-def start_run(spec: Path, prefect_api: str, logs: Path, *args: str) -> subprocess.Popen[bytes]:
-    """``shardeval run SPEC`` in the background, its output in files (a pipe could fill up)."""
+def start_run(
+    spec: Path,
+    prefect_api: str,
+    logs: Path,
+    *args: str,
+    new_session: bool = False,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``shardeval run SPEC`` in the background, its output in files (a pipe could fill up).
+
+    ``new_session``: the run leads a process group of its own, so a test can signal the
+    whole group (``os.killpg``) the way a terminal's Ctrl-C or ``timeout`` does.
+    """
     logs.mkdir(parents=True, exist_ok=True)
     n = len(list(logs.glob("*.out")))
     with open(logs / f"{n:02d}.out", "wb") as out, open(logs / f"{n:02d}.err", "wb") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "shardeval", "run", str(spec), "--quiet", *args],
-            env=cli_env(prefect_api),
+            env=cli_env(prefect_api, **(env or {})),
             stdout=out,
             stderr=err,
+            start_new_session=new_session,
         )
+
+
+def stderr_of(logs: Path) -> str:
+    """What the latest attempt printed on stderr, as printed."""
+    return sorted(logs.glob("*.err"))[-1].read_text()
+
+
+def answered_twice(server: TestServer) -> int:
+    """How many prompts the server answered more than once (paid twice)."""
+    return sum(1 for n in server.stats()["prompt_completions"].values() if n > 1)
 
 
 def output_of(logs: Path) -> str:

@@ -160,3 +160,53 @@ def test_failed_run_retried_through_the_api_resumes(
     assert not set(answered_before) - set(stats["prompt_completions"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_rows"] == n_items and metrics["n_error"] == 0
+
+
+def test_nightly_runs_compare_with_the_night_before_and_emit_the_regression(
+    worker: Path, client: Any, use_server: str, llm_server: Any, tmp_path: Path
+) -> None:
+    """Two deployment runs with ``baseline: previous`` (as evaluate-nightly has): the second,
+    against a model that got worse on known items, emits shardeval.regression.detected."""
+    import time
+
+    from prefect.deployments import run_deployment
+
+    spec = write_spec(tmp_path / "eval", base_url=llm_server.url, n_items=120, name="nightly")
+    output = tmp_path / "out"
+    params = {"spec": str(spec), "output": str(output), "baseline": "previous"}
+    runs = []
+    for wrong_every in (10, 3):
+        llm_server.configure(wrong_every=wrong_every)
+        flow_run = run_deployment("evaluate/evaluate", parameters=params, timeout=0)
+        done = wait_final(client, flow_run.id)
+        assert done.state.is_completed(), (done.state, worker.read_text()[-3000:])
+        runs.append(done)
+    run_dirs = sorted((output / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    assert len(run_dirs) == 2
+    first, second = (p.name for p in run_dirs)
+    comparison = json.loads((run_dirs[1] / "comparison.json").read_text())
+    assert comparison["base"] == first and comparison["verdict"] == "regression"
+
+    def events(name: str) -> list[dict[str, Any]]:
+        body = {"filter": {"event": {"name": [name]}}, "limit": 50}
+        return list(client.request("POST", "/events/filter", json=body).json()["events"])
+
+    deadline = time.monotonic() + 60
+    found: list[dict[str, Any]] = []
+    while not found:
+        assert time.monotonic() < deadline, "no regression event reached the server"
+        found = [
+            e
+            for e in events("shardeval.regression.detected")
+            if e["resource"]["prefect.resource.name"] == second
+        ]
+        time.sleep(0.5)
+    payload = found[0]["payload"]
+    assert payload["eval"] == "nightly" and payload["metric"] == "exact_match"
+    assert payload["base"] == first and payload["delta"] < 0
+    completed = [
+        e
+        for e in events("shardeval.run.completed")
+        if e["resource"]["prefect.resource.name"] == first
+    ]
+    assert completed, "the first night (no baseline yet) emits shardeval.run.completed"

@@ -20,6 +20,8 @@ import pytest
 from tests.conftest import cli_env
 from tests.helpers.specs import arith_items, write_spec
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI as a subprocess
+
 # Bad input is found before Prefect starts; a couple of seconds on an idle machine, with room
 # for a loaded CI box.
 FAST_S = 20.0

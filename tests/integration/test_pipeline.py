@@ -418,11 +418,18 @@ def test_transient_failures_exit_1_and_a_rerun_sends_only_what_is_missing(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("local_server", ["1", "0"], ids=["local-server", "ephemeral"])
 def test_default_mode_runs_the_offline_quickstart_without_a_prefect_server(
-    tmp_path: Path,
+    tmp_path: Path, local_server: str
 ) -> None:
-    """What a new user gets: no PREFECT_API_URL (Prefect's temporary server), no model server."""
-    env = cli_env(None, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    """What a new user gets: no PREFECT_API_URL, no model server.
+
+    That is shardeval's local Prefect server (in the session's SHARDEVAL_HOME), or with
+    ``SHARDEVAL_LOCAL_SERVER=0`` Prefect's temporary in-process server.
+    """
+    env = cli_env(
+        None, PREFECT_HOME=str(tmp_path / "prefect-home"), SHARDEVAL_LOCAL_SERVER=local_server
+    )
     assert "PREFECT_API_URL" not in env
     output = tmp_path / "runs-out"
 
@@ -444,6 +451,9 @@ def test_default_mode_runs_the_offline_quickstart_without_a_prefect_server(
     )
 
     ok(result)
+    said = " ".join(result.stderr.split())
+    assert ("using the local Prefect server at" in said) == (local_server == "1"), said
+    assert "telemetry" not in said.lower(), said
     run = only_run_dir(output)
     assert run.name.startswith("quickstart-")
     n_items = sum(1 for line in (ROOT / "examples" / "arith.jsonl").open() if line.strip())

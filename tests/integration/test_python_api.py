@@ -51,3 +51,17 @@ def test_the_notebook_in_docs_python_md_runs_as_written(tmp_path: Path, prefect_
     )
     assert result.returncode == 0, result.stderr
     assert "complete" in result.stdout
+
+
+def test_calling_the_flow_directly_resumes_like_the_cli(
+    tmp_path: Path, llm_server: TestServer, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a deployment run gets a new run per flow run; a direct call keeps the CLI's id."""
+    from flows.evaluate import evaluate
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    spec = write_spec(tmp_path, base_url=llm_server.url, n_items=6, batch_size=3)
+    first = evaluate(spec=str(spec), output=str(tmp_path / "out"))
+    second = evaluate(spec=str(spec), output=str(tmp_path / "out"))
+    assert first["run_id"] == second["run_id"]
+    assert llm_server.stats()["requests"] == 6

@@ -58,6 +58,7 @@ def start_run(spec: Path, prefect_api: str, log: Path) -> subprocess.Popen[bytes
         )
 
 
+@pytest.mark.slow
 def test_status_while_running_after_a_kill_and_when_complete(
     tmp_path: Path, prefect_api: str, slow_server: TestServer
 ) -> None:
@@ -125,6 +126,7 @@ def test_status_while_running_after_a_kill_and_when_complete(
     assert "300 of 300 done" in table.stdout and "complete" in table.stdout
 
 
+@pytest.mark.slow
 def test_status_of_a_run_that_does_not_exist(tmp_path: Path) -> None:
     (tmp_path / "runs" / "some-run").mkdir(parents=True)
     result = status_cli("no-such-run", "--output", str(tmp_path))

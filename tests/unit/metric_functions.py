@@ -56,3 +56,8 @@ def judge_sum(item: dict[str, Any], messages: list[dict[str, str]]) -> str:
     """A python-provider judge: grades ``Response: <text>`` against the item's answer."""
     response = messages[-1]["content"].rsplit("Response:", 1)[-1].strip()
     return "GRADE: C" if response == str(item["answer"]) else "GRADE: I"
+
+
+def counted_model(item: dict[str, Any], messages: list[dict[str, str]]) -> dict[str, Any]:
+    """A python-provider model that reports token counts (10 in, 2 out) like an API does."""
+    return {"text": str(item["answer"]), "prompt_tokens": 10, "completion_tokens": 2}

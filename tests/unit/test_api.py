@@ -30,6 +30,7 @@ PUBLIC = [
     "StorageError",
     "TransientProviderError",
     "__version__",
+    "compare",
     "load_spec",
     "open_run",
     "rescore",

@@ -131,10 +131,10 @@ def test_stop_cancels_new_requests(server: TestServer) -> None:
     server.configure(latency_min=0.2, latency_max=0.2)
     engine = Engine(model(server, concurrency=2))
     try:
-        interrupt.request_stop(grace_period_s=5)
+        interrupt.stop_run("", "interrupted", "test", grace_period_s=5)
         outcomes = run_all(engine, [request(i) for i in range(6)])
     finally:
-        interrupt.reset()
+        interrupt.forget("")
         engine.close()
     assert all(o.status == "cancelled" for o in outcomes)
     assert server.stats()["requests"] == 0
@@ -151,3 +151,65 @@ def test_api_key_is_sent_from_the_environment(
     finally:
         engine.close()
     assert outcome.status == "ok"
+
+
+def test_breaker_stops_a_run_whose_endpoint_is_gone(tmp_path: object) -> None:
+    """Nothing listening: a few attempts per slot, then every request ends not sent."""
+    from shardeval.errors import EndpointUnreachable
+    from tests.conftest import free_port
+
+    spec = ModelSpec.model_validate(
+        {
+            "provider": "openai",
+            "model": "m",
+            "base_url": f"http://127.0.0.1:{free_port()}/v1",
+            "max_retries": 6,
+            "concurrency": 2,
+            "unreachable_after_s": 1.0,
+        }
+    )
+    engine = Engine(spec)
+    started = time.monotonic()
+    try:
+        outcomes = run_all(engine, [request(i) for i in range(40)])
+        sent = engine.requests_sent
+        with pytest.raises(EndpointUnreachable, match="is unreachable") as caught:
+            engine.raise_if_stopped()
+    finally:
+        engine.close()
+    assert time.monotonic() - started < 30  # ~1 s of backoff, not 40 × 7 attempts
+    assert all(not o.is_final for o in outcomes)  # never stored
+    assert sent <= 2 * 6  # a few attempts per slot (backoff 0.5 s, 1 s, ... within 1 s)
+    assert spec.base_url in str(caught.value) and "model.base_url" in str(caught.value)
+
+
+def test_any_answer_keeps_the_breaker_closed(server: TestServer) -> None:
+    """500s are answers: the endpoint is there, ordinary retries apply, nothing stops."""
+    server.configure(down=True, fail_status=500)
+    engine = Engine(model(server, max_retries=2, unreachable_after_s=0.01))
+    try:
+        outcomes = run_all(engine, [request(i) for i in range(3)])
+    finally:
+        engine.close()
+    assert engine.stop_error is None
+    assert [o.status for o in outcomes] == ["transient"] * 3
+    assert [o.attempts for o in outcomes] == [3] * 3
+
+
+def test_a_401_stops_the_run_and_is_not_stored(
+    server: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shardeval.errors import EndpointError
+
+    server.configure(require_api_key="sk-right")
+    monkeypatch.delenv("SHARDEVAL_TEST_KEY", raising=False)
+    engine = Engine(model(server, api_key_env="SHARDEVAL_TEST_KEY", concurrency=1))
+    try:
+        outcomes = run_all(engine, [request(i) for i in range(20)])
+        with pytest.raises(EndpointError, match="SHARDEVAL_TEST_KEY is not set"):
+            engine.raise_if_stopped()
+    finally:
+        engine.close()
+    assert all(not o.is_final for o in outcomes)
+    assert outcomes[0].error_kind == "http_401"
+    assert server.stats()["requests"] == 1  # one slot: the first 401 stopped the rest

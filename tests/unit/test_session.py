@@ -161,3 +161,27 @@ def test_finalize_on_its_own_scores_judged_rows_from_stored_judgements(tmp_path:
     )
     assert done.metrics_json["metrics"]["judged"] == summary["metrics"]["judged"]
     assert done.metrics_json["scoring_errors"] == summary["scoring_errors"] == {}
+
+
+def test_status_says_what_the_stored_rows_cost_and_projects_the_rest(tmp_path: Path) -> None:
+    from shardeval.status import read_status
+
+    out = tmp_path / "out"
+    model = {
+        "provider": "python",
+        "function": "tests.unit.metric_functions:counted_model",
+        "pricing": {"prompt_per_mtok": 1000.0, "completion_per_mtok": 5000.0},
+    }
+    spec = write_spec(tmp_path, n_items=10, batch_size=5, output=str(out), model=model)
+    session = RunSession.prepare(str(spec))
+    with session.attempt():
+        stage = next(session.stages())
+        engine = engine_for(stage.run.run_id, stage.run.model)
+        work, _stale = next(iter(stage.works))  # only the first of two batches
+        run_batch(stage.run.store(), work, engine, stage.run.progress())
+    close_engines(session.run_id)
+    status = read_status(str(out), session.run_id)
+    # 5 rows × (10 × $1000 + 2 × $5000) per million tokens = 5 × $0.02
+    assert status.done == 5 and status.cost_usd == pytest.approx(0.1)
+    assert status.projected_cost_usd == pytest.approx(0.2)
+    assert status.to_dict()["usage"]["projected_cost_usd"] == pytest.approx(0.2)

@@ -311,7 +311,7 @@ def test_require_api_key(server: TestServer) -> None:
     assert excinfo.value.code == 401
     req = urllib.request.Request(server.url + "/models", headers=good)
     with _OPENER.open(req, timeout=5) as resp:
-        assert json.loads(resp.read())["data"][0]["id"] == "shardeval-test"
+        assert json.loads(resp.read())["data"][0]["id"] == "test-model"
     # /v1/models is not model traffic: only the three completion calls are counted.
     assert server.stats()["by_status"] == {401: 2, 200: 1}
 

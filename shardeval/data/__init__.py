@@ -1,0 +1,1 @@
+"""Package data: the pinned price table (prices.json)."""

@@ -1,0 +1,218 @@
+"""Before the first batch: prove that the endpoint answers, the key works and the model exists.
+
+Without this, a typo in ``model.base_url`` costs minutes of retries per item before the run
+gives up, and a missing key turns every item into a stored 401 row. One or two small requests
+per endpoint settle it in about a second, and the message names the field to fix:
+
+1. ``GET <base_url>/models`` (OpenAI, vLLM, Ollama, TGI, LiteLLM have it). Connection refused,
+   DNS failure or no answer → ``model.base_url``; 401/403 → the variable ``model.api_key_env``
+   names (set or unset, never its value); the model listed → done.
+2. Otherwise (no ``/models``, or the model not in its list: Ollama lists ``llama3:latest`` and
+   accepts ``llama3``) one chat completion with ``max_tokens: 1``. A 404 that mentions the
+   model → ``model.model``; any other answer proves the endpoint, and the run's own error
+   handling takes it from there (a 429 or 5xx now says nothing about the configuration).
+
+The ``python`` provider makes no HTTP calls and needs no check. ``llm_judge`` metrics bring
+their own model block, which is checked the same way (``metrics[0].model.base_url``).
+Uses aiohttp (the provider's client) with short timeouts; imports no Prefect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from shardeval.errors import EndpointError
+from shardeval.spec import EvalSpec, ModelSpec
+
+CONNECT_TIMEOUT_S = 5.0
+ANSWER_TIMEOUT_S = 20.0
+"""A 1-token completion on a loaded server can take a while; a dead one fails at connect."""
+AUTH_STATUSES = frozenset({401, 403})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One model block to check, and where it is in the spec (for messages)."""
+
+    model: ModelSpec
+    field: str
+    """``model`` or ``metrics[2].model``."""
+
+    @property
+    def base_url(self) -> str:
+        """The endpoint root the provider uses."""
+        from shardeval.providers.openai import OPENAI_BASE_URL
+
+        return (self.model.base_url or OPENAI_BASE_URL).rstrip("/")
+
+
+def endpoints(spec: EvalSpec) -> list[Endpoint]:
+    """The model blocks of a spec that make HTTP calls: the model, and llm_judge models."""
+    found = [Endpoint(spec.model, "model")]
+    for index, metric in enumerate(spec.metrics):
+        judge = metric.params.get("model") if metric.type == "llm_judge" else None
+        if isinstance(judge, dict):
+            found.append(Endpoint(ModelSpec.model_validate(judge), f"metrics[{index}].model"))
+    return [e for e in found if e.model.provider == "openai"]
+
+
+def preflight(spec: EvalSpec) -> None:
+    """Check every endpoint of ``spec`` (concurrently); raise on the first that cannot work.
+
+    Raises:
+        EndpointError: (exit 2) naming ``<field>.base_url``, ``<field>.model`` or the
+            variable of ``<field>.api_key_env``.
+    """
+    checks = endpoints(spec)
+    if not checks:
+        return
+    asyncio.run(_check_all(checks))
+
+
+async def _check_all(checks: list[Endpoint]) -> None:
+    # Same endpoint and model twice (a judge on the model's own server): check it once.
+    unique = {(c.base_url, c.model.model, c.model.api_key_env): c for c in checks}
+    results = await asyncio.gather(
+        *(check_endpoint(c) for c in unique.values()), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+async def check_endpoint(endpoint: Endpoint) -> None:
+    """Check one endpoint (see the module docstring)."""
+    model = endpoint.model
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(model.api_key_env) if model.api_key_env else None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    timeout = aiohttp.ClientTimeout(
+        total=min(ANSWER_TIMEOUT_S, model.timeout_s), sock_connect=CONNECT_TIMEOUT_S
+    )
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        listed = await _listed_models(session, endpoint)
+        if listed is not None and model.model in listed:
+            return
+        await _probe_completion(session, endpoint, listed)
+
+
+async def _listed_models(session: aiohttp.ClientSession, endpoint: Endpoint) -> list[str] | None:
+    """The model ids ``GET /models`` lists, or None if it lists none (or is absent)."""
+    status, text = await _request(session, endpoint, "GET", "/models")
+    if status in AUTH_STATUSES:
+        raise auth_error(endpoint.model, endpoint.field, status, _message(text))
+    if status != 200:
+        return None
+    try:
+        data = json.loads(text).get("data")
+        ids = [str(entry["id"]) for entry in data if isinstance(entry, dict) and "id" in entry]
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return ids or None
+
+
+async def _probe_completion(
+    session: aiohttp.ClientSession, endpoint: Endpoint, listed: list[str] | None
+) -> None:
+    model = endpoint.model
+    params = dict(model.params)
+    params["max_completion_tokens" if "max_completion_tokens" in params else "max_tokens"] = 1
+    body = {**params, "model": model.model, "messages": [{"role": "user", "content": "ping"}]}
+    status, text = await _request(session, endpoint, "POST", "/chat/completions", body)
+    if status in AUTH_STATUSES:
+        raise auth_error(model, endpoint.field, status, _message(text))
+    message = _message(text)
+    if status == 404 and "model" in message.lower():
+        hint = "set it to a model this endpoint serves"
+        if listed:
+            hint += f"; GET {endpoint.base_url}/models lists: {', '.join(listed[:10])}"
+        raise EndpointError(
+            f"{endpoint.field}.model: {model.model!r} is not served by {endpoint.base_url} "
+            f"(HTTP 404: {message})",
+            hint=hint,
+        )
+    if status == 404:
+        raise EndpointError(
+            f"{endpoint.field}.base_url: {endpoint.base_url}/chat/completions answered "
+            f"HTTP 404 ({message})",
+            hint="OpenAI-compatible servers usually serve under a path ending in /v1 "
+            "(e.g. http://127.0.0.1:8000/v1)",
+        )
+
+
+async def _request(
+    session: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+) -> tuple[int, str]:
+    url = endpoint.base_url + path
+    try:
+        async with session.request(method, url, json=body) as response:
+            return response.status, await response.text()
+    except TimeoutError as exc:
+        raise EndpointError(
+            f"{endpoint.field}.base_url: {url} did not answer within {session.timeout.total:g} s",
+            hint="check that the server is up and the address is right (or pass "
+            "--no-preflight if it is only slow to answer)",
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise unreachable_error(endpoint, _reason(exc)) from exc
+
+
+def _reason(exc: aiohttp.ClientError) -> str:
+    """``connection refused`` rather than aiohttp's whole sentence."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve the host name {exc.host!r}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return f"connection refused at {exc.host}:{exc.port}: nothing listens there"
+        return f"{exc.os_error.strerror or exc.os_error} at {exc.host}:{exc.port}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def unreachable_error(endpoint: Endpoint, reason: str) -> EndpointError:
+    """Nothing answers at the endpoint's address."""
+    return EndpointError(
+        f"{endpoint.field}.base_url: cannot connect to {endpoint.base_url} ({reason})",
+        hint=f"check {endpoint.field}.base_url: is the server running, and are the host "
+        "and port right?",
+    )
+
+
+def auth_error(model: ModelSpec, field: str, status: int, message: str = "") -> EndpointError:
+    """The endpoint rejected the key: name the variable, say whether it is set (not its value)."""
+    answer = f"HTTP {status}" + (f": {message}" if message else "")
+    env = model.api_key_env
+    if env is None:
+        return EndpointError(
+            f"{field}.api_key_env: the endpoint rejected the request ({answer}) and the spec "
+            "names no variable holding a key",
+            hint=f"set {field}.api_key_env to the name of the environment variable that "
+            "holds the key",
+        )
+    if not os.environ.get(env):
+        return EndpointError(
+            f"{field}.api_key_env: the endpoint rejected the request ({answer}); the "
+            f"environment variable {env} is not set",
+            hint=f"export {env}=... and run the same command again (the key is read from "
+            "the environment and never written anywhere)",
+        )
+    return EndpointError(
+        f"{field}.api_key_env: the endpoint rejected the key in {env} ({answer})",
+        hint=f"check the value of {env} (and that it is valid for this endpoint and model)",
+    )
+
+
+def _message(text: str) -> str:
+    from shardeval.providers.openai import error_message
+
+    return error_message(text)
