@@ -47,9 +47,10 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from shardeval import endpoint_limits, interrupt
+from shardeval import budget, endpoint_limits, interrupt
 from shardeval.errors import (
     ConnectionFailedError,
+    EndpointError,
     EndpointUnreachable,
     PermanentProviderError,
     ProviderError,
@@ -340,6 +341,9 @@ class Engine:
                 attempts=attempts,
                 finished_at=time.time(),
             )
+        budget.charge(
+            self.run_id, self.model, completion.prompt_tokens, completion.completion_tokens
+        )
         return Outcome(
             key=request.key,
             status="ok",
@@ -357,11 +361,16 @@ class Engine:
 
         Requests waiting for a slot or a retry end at once as not sent (never stored); each
         batch then raises ``error`` (see :meth:`raise_if_stopped`) and the flow reports it.
-        The one place to hand the decision to a run-wide stop API when there is one.
+        The run-wide stop (:func:`shardeval.interrupt.stop_run`) is set too, so every batch of
+        the run, its judges and the flow stop taking work, in this process and on its path.
         """
         if self.stop_error is None:
             self.stop_error = error
             self._stopped.set()
+            if isinstance(error, EndpointError):
+                interrupt.stop_run(self.run_id, "auth_failed", error.message, cause=error)
+            else:
+                interrupt.stop_run(self.run_id, "endpoint_unreachable", error.message, cause=error)
 
     def raise_if_stopped(self) -> None:
         """Raise (a fresh copy of) the error that stopped this run, if one did."""
@@ -470,10 +479,16 @@ class Engine:
                     task.cancel()
 
     def close(self) -> None:
-        """Close the provider and stop the loop (idempotent)."""
+        """Close the provider and stop the loop (idempotent).
+
+        The run is over for this engine then, so a stop the engine itself set is forgotten:
+        a later run of the same id in this process (a notebook cell run again) starts clean.
+        """
         if not self._loop.is_running():
             return
         self._closed = True
+        if self.stop_error is not None:
+            interrupt.forget(self.run_id)
 
         async def shutdown() -> None:
             self._watchdog.cancel()

@@ -61,13 +61,21 @@ class RunStop:
     reason: StopReason | None = None
     message: str = ""
     deadline: float | None = None
+    cause: ShardevalError | None = None
+    """The error to end with when one is known (an endpoint's: it says what to fix)."""
     send_until: float | None = None
     """Set while the run holds a lease in this process: past this (monotonic) time the lease
     may have been taken over, so new requests wait for the next renewal (see locking.py)."""
     _event: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def request(self, reason: StopReason, message: str, grace_period_s: float = 0.0) -> bool:
+    def request(
+        self,
+        reason: StopReason,
+        message: str,
+        grace_period_s: float = 0.0,
+        cause: ShardevalError | None = None,
+    ) -> bool:
         """Stop sending new requests; those in flight get ``grace_period_s`` to finish.
 
         Returns False (and changes nothing) when the run was already asked to stop.
@@ -75,7 +83,7 @@ class RunStop:
         with self._lock:
             if self._event.is_set():
                 return False
-            self.reason, self.message = reason, message
+            self.reason, self.message, self.cause = reason, message, cause
             self.deadline = time.monotonic() + grace_period_s
             self._event.set()
         return True
@@ -106,6 +114,8 @@ class RunStop:
 
     def error(self, progress: str = "") -> ShardevalError:
         """The error the run ends with; ``progress`` is e.g. ``"1,200 of 2,000 done"``."""
+        if self.cause is not None:
+            return type(self.cause)(self.cause.message, hint=self.cause.hint)
         text = self.message or f"run {self.run_id} stopped"
         if progress:
             text = f"{text}: {progress}"
@@ -147,9 +157,16 @@ def stop_for(run_id: str) -> RunStop:
         return stop
 
 
-def stop_run(run_id: str, reason: StopReason, message: str, *, grace_period_s: float = 0.0) -> bool:
+def stop_run(
+    run_id: str,
+    reason: StopReason,
+    message: str,
+    *,
+    grace_period_s: float = 0.0,
+    cause: ShardevalError | None = None,
+) -> bool:
     """Ask ``run_id`` to stop (see :meth:`RunStop.request`); False if it already was."""
-    stopped = stop_for(run_id).request(reason, message, grace_period_s)
+    stopped = stop_for(run_id).request(reason, message, grace_period_s, cause)
     if stopped:
         logger.warning("stopping run %s (%s): %s", root_run(run_id), reason, message)
     return stopped

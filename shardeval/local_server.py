@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shardeval.errors import ShardevalError, SpecError
+from shardeval.processes import pid_alive
 from shardeval.server_files import (
     ServerFiles,
     ServerState,
     idle_for,
     is_healthy,
     is_ours,
-    pid_alive,
     read_state,
     shardeval_home,
     terminate,

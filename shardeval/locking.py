@@ -26,6 +26,7 @@ from typing import Any
 
 from shardeval import interrupt
 from shardeval.errors import RunInterrupted, RunLockedError, SpecError
+from shardeval.processes import pid_alive
 from shardeval.storage import RunStore
 
 DEFAULT_LEASE_S = 60.0
@@ -46,17 +47,6 @@ def default_lease_s() -> float:
     if value < 1.0:
         raise SpecError(f"{LEASE_ENV}={raw!r}: expected seconds, at least 1")
     return value
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shardeval.processes import pid_alive
+
 
 @dataclass(frozen=True)
 class ServerState:
@@ -88,21 +90,6 @@ def remove_state_if(files: ServerFiles, supervisor_pid: int) -> None:
     state = read_state(files)
     if state is not None and state.supervisor_pid == supervisor_pid:
         files.state.unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def is_healthy(url: str, timeout: float = 2.0) -> bool:

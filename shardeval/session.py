@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from shardeval import __version__, interrupt
+from shardeval.budget import close_budget, open_budget, stored_spend
 from shardeval.engine import close_engines, stop_error
 from shardeval.errors import RunIncomplete
 from shardeval.finality import summary_has_auth_errors
@@ -196,6 +197,7 @@ class RunSession:
         finally:
             lock.release()  # only removes the lease if it is ours
             close_engines(self.run_id)
+            close_budget(self.run_id)
             interrupt.forget(self.run_id)  # the next run of this id in this process starts clean
 
     @contextmanager
@@ -209,6 +211,8 @@ class RunSession:
             self.stats = AttemptStats()
             self._found = survey(self.store, self.plan, retry_failed=self.retry_failed)
             self._record_attempt()
+            if self.spec.model.max_cost_usd is not None:
+                open_budget(self.run_id, self.spec.model, stored_spend(self.store, self.spec.model))
             self.progress.plan(self.plan.n_rows, len(self.plan.batches), 0)
             self.stats.resume_message = describe_resume(self.run_id, self.plan, self._found)
             logger.info(self.stats.resume_message)

@@ -27,7 +27,7 @@ from typing import Any
 
 from prefect.locking.protocol import LockManager
 
-from shardeval.locking import pid_alive
+from shardeval.processes import pid_alive
 
 POLL_S = 0.05
 UNREADABLE_GRACE_S = 10.0

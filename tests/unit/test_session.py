@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -185,3 +186,48 @@ def test_status_says_what_the_stored_rows_cost_and_projects_the_rest(tmp_path: P
     assert status.done == 5 and status.cost_usd == pytest.approx(0.1)
     assert status.projected_cost_usd == pytest.approx(0.2)
     assert status.to_dict()["usage"]["projected_cost_usd"] == pytest.approx(0.2)
+
+
+def test_max_cost_stops_the_run_and_a_higher_limit_continues(tmp_path: Path) -> None:
+    """Each answer costs $0.02 (see counted_model and the price): a $0.10 budget stops the run
+    after about 5 answers; the rerun with $1 sends only the rest, each prompt once."""
+    from shardeval.errors import RunIncomplete, RunInterrupted
+    from shardeval.interrupt import stop_for
+
+    def spec_with(limit: float) -> Path:
+        model = {
+            "provider": "python",
+            "function": "tests.unit.metric_functions:counted_model",
+            "pricing": {"prompt_per_mtok": 1000.0, "completion_per_mtok": 5000.0},
+            "max_cost_usd": limit,
+            "concurrency": 1,
+        }
+        return write_spec(
+            tmp_path,
+            n_items=20,
+            batch_size=4,
+            output=str(tmp_path / "out"),
+            model=model,
+            flush_every_items=1,
+        )
+
+    session = RunSession.prepare(str(spec_with(0.10)))
+    with pytest.raises(RunIncomplete, match="budget reached"), session.attempt():
+        for stage in session.stages():
+            engine = engine_for(stage.run.run_id, stage.run.model)
+            for work, _stale in stage.works:
+                with contextlib.suppress(RunInterrupted):  # a batch cut short by the stop
+                    run_batch(stage.run.store(), work, engine, stage.run.progress())
+                if stop_for(session.run_id).requested:
+                    raise stop_for(session.run_id).error()
+    from shardeval.status import read_status
+
+    stopped = read_status(str(tmp_path / "out"), session.run_id)
+    assert 5 <= stopped.done < 20 and stopped.cost_usd is not None
+    assert stopped.cost_usd == pytest.approx(0.02 * stopped.done)
+
+    again = RunSession.prepare(str(spec_with(1.0)))
+    assert again.run_id == session.run_id  # the limit is not part of the run's identity
+    summary = run_without_prefect(again)
+    assert summary["n_ok"] == 20
+    assert summary["cost"]["usd"] == pytest.approx(0.40)
