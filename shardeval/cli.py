@@ -49,7 +49,7 @@ app = typer.Typer(
 )
 
 SpecArg = Annotated[
-    str, typer.Argument(help="Eval spec YAML (path or fsspec URL).", show_default=False)
+    str, typer.Argument(help="Eval spec or suite YAML (path or fsspec URL).", show_default=False)
 ]
 OutputOpt = Annotated[
     str | None, typer.Option("--output", "-o", help="Where runs are stored (any fsspec URL).")
@@ -134,7 +134,26 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Run an eval (or resume it: the same command continues where it stopped)."""
+    """Run an eval or a suite (or resume it: the same command continues where it stopped)."""
+    if _is_suite(spec):
+        from shardeval.suite_cli import run_suite
+
+        unsupported: dict[str, object] = {"--run-id": run_id, "--fresh": fresh}
+        unsupported["--batch-size"] = batch_size
+        unsupported |= {"--concurrency": concurrency, "--dask-address": dask_address}
+        unsupported["--task-runner"] = task_runner if task_runner != "threads" else None
+        unsupported |= {"--model": model, "--set": set_, "--baseline": baseline}
+        unsupported["--fail-on-regression"] = fail_on_regression
+        return run_suite(
+            _spec_source(spec),
+            output=output,
+            retry_failed=retry_failed,
+            limit=limit,
+            wait=wait,
+            quiet=quiet,
+            verbose=verbose,
+            unsupported=unsupported,
+        )
     started = time.monotonic()
     _configure_logging(verbose)
     from shardeval.session import RunSession
@@ -270,11 +289,15 @@ def validate(
         ),
     ] = False,
 ) -> None:
-    """Check a spec and its dataset (prompts, metrics, provider) without running the eval.
+    """Check a spec (or every cell of a suite) and its dataset without running the eval.
 
     Without --check-endpoint no request is made; the API key is then only checked to be set
     for api.openai.com (other endpoints may need none).
     """
+    if _is_suite(spec):
+        from shardeval.suite_cli import validate_suite
+
+        return validate_suite(_spec_source(spec), limit=limit)
     from shardeval.hashing import default_run_id
     from shardeval.validation import validate as validate_spec
 
@@ -400,6 +423,12 @@ def _register_commands() -> None:
 
 
 _register_commands()
+
+
+def _is_suite(spec: str) -> bool:
+    from shardeval.suite import is_suite_file
+
+    return is_suite_file(_spec_source(spec))
 
 
 def _overrides(model: str | None, sets: list[str] | None) -> list[str]:
