@@ -42,7 +42,8 @@ def run_suite(
     unsupported: Mapping[str, object],
 ) -> None:
     """Run (or resume) every cell of a suite; print the evals × models table."""
-    from shardeval.cli import _configure_logging, _install_signal_handlers, _route_prefect_logs
+    from shardeval.cli import _configure_logging
+    from shardeval.run_console import install_signal_handlers, route_prefect_logs
 
     given = [option for option, value in unsupported.items() if value not in (None, False)]
     if given:
@@ -67,10 +68,10 @@ def run_suite(
     show = not quiet and sys.stderr.isatty()
     grace = max(c.session.spec.grace_period_s for c in suite.cells)
     # The CLI's handler stops the suite (no new cell) and every active cell's run.
-    _install_signal_handlers(suite.suite_run_id, grace)
+    install_signal_handlers(suite.suite_run_id, grace)
     with spinner("Loading Prefect...", enabled=show):
         from flows.suite import evaluate_suite
-    _route_prefect_logs(suite.store, verbose)
+    route_prefect_logs(suite.store, verbose)
     from shardeval.launch import start_prefect
 
     start_prefect(show)

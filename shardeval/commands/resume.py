@@ -46,8 +46,9 @@ def resume(
     """
     started = time.monotonic()
     from shardeval.catalog import resolve_output
-    from shardeval.cli import _configure_logging, evaluate_session
+    from shardeval.cli import _configure_logging
     from shardeval.resume import prepare_resume
+    from shardeval.run_console import evaluate_session
 
     _configure_logging(verbose)
     session = prepare_resume(
