@@ -2,7 +2,8 @@
 
 The library never imports Prefect at import time: ``shardeval validate`` and a fully cached
 ``shardeval run`` answer without Prefect's start-up cost. The Python API (``run``,
-``open_run``, ``rescore``, ``Run``) is loaded on first use, so ``import shardeval`` stays light.
+``resume``, ``open_run``, ``rescore``, ``Run``) is loaded on first use, so
+``import shardeval`` stays light.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from shardeval.errors import (
 from shardeval.spec import EvalSpec, load_spec
 
 if TYPE_CHECKING:
-    from shardeval.api import Run, compare, open_run, rescore, run
+    from shardeval.api import Run, compare, open_run, rescore, resume, run
 
-_API = ("Run", "compare", "open_run", "rescore", "run")
+_API = ("Run", "compare", "open_run", "rescore", "resume", "run")
 
 __all__ = [
     "DatasetError",
@@ -50,6 +51,7 @@ __all__ = [
     "load_spec",
     "open_run",
     "rescore",
+    "resume",
     "run",
 ]
 

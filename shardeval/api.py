@@ -1,4 +1,4 @@
-"""The Python API: ``shardeval.run``, ``open_run``, ``rescore`` (design.md, "Python API").
+"""The Python API: ``shardeval.run``, ``resume``, ``open_run``, ``rescore`` (design.md).
 
 ``run`` follows the CLI's rules: the same run id for the same spec (so running the same cell
 twice in a notebook pays once), and a run whose results are complete and current is answered
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from shardeval.compare import Comparison
+    from shardeval.session import RunSession
     from shardeval.spec import EvalSpec
     from shardeval.status import RunStatus
 
@@ -97,7 +98,6 @@ def run(
     Raises the same errors the CLI maps to exit codes (``SpecError`` for bad input,
     ``RunIncomplete`` when batches could not finish, ``RunInterrupted`` on a stop).
     """
-    from shardeval.launch import quiet_prefect, run_evaluate
     from shardeval.session import RunSession
     from shardeval.taskrunners import check_task_runner
 
@@ -113,10 +113,51 @@ def run(
         batch_size=batch_size,
         concurrency=concurrency,
     )
+    return _evaluate(session, wait=wait, task_runner=runner_kind, dask_address=dask_address)
+
+
+def resume(
+    run_id: str,
+    *,
+    output: str | None = None,
+    retry_failed: bool = False,
+    allow_dataset_change: bool = False,
+    limit: int | None = None,
+    wait: bool = False,
+    task_runner: str = "threads",
+    dask_address: str | None = None,
+) -> Run:
+    """Continue a stored run from its id alone, as ``shardeval resume`` does.
+
+    The spec comes from the run's spec.json (the API key from the environment variable it
+    names). A dataset that changed since raises :class:`~shardeval.resume.DatasetChanged`
+    (what changed in its message) unless ``allow_dataset_change``; a vanished one raises
+    :class:`~shardeval.errors.DatasetError`.
+    """
+    from shardeval.resume import prepare_resume
+    from shardeval.taskrunners import check_task_runner
+
+    runner_kind = check_task_runner(task_runner, dask_address)
+    session = prepare_resume(
+        run_id,
+        output or DEFAULT_OUTPUT,
+        retry_failed=retry_failed,
+        allow_dataset_change=allow_dataset_change,
+        limit=limit,
+    )
+    return _evaluate(session, wait=wait, task_runner=runner_kind, dask_address=dask_address)
+
+
+def _evaluate(
+    session: RunSession, *, wait: bool, task_runner: str, dask_address: str | None
+) -> Run:
+    """Answer a prepared session from storage, or run its ``evaluate`` flow (run, resume)."""
+    from shardeval.launch import quiet_prefect, run_evaluate
+
     if session.answer_from_storage() is None:
         session.preflight()
         quiet_prefect()
-        run_evaluate(session, wait=wait, task_runner=runner_kind, dask_address=dask_address)
+        run_evaluate(session, wait=wait, task_runner=task_runner, dask_address=dask_address)
     return Run(session.store)
 
 

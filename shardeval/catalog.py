@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import posixpath
+from pathlib import Path
 
 from shardeval.errors import ShardevalError
 from shardeval.storage import RunStore
@@ -58,3 +59,19 @@ def open_store(output: str, run_id: str) -> RunStore:
     if not store.exists(store.spec_path):
         raise not_found(output, run_id)
     return store
+
+
+def resolve_output(output: str | None, spec: str | None = None) -> str:
+    """Where a command that reads runs looks (design.md, "Command line").
+
+    ``--output``, else the ``--spec``'s ``output``, else ``./shardeval-runs``. One rule for
+    every such command; a bad spec is an exit-2 error.
+    """
+    if output:
+        return output
+    if spec:
+        from shardeval.overrides import resolve_spec
+
+        source = spec if "://" in spec else str(Path(spec).expanduser().resolve())
+        return resolve_spec(source).output
+    return DEFAULT_OUTPUT

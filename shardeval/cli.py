@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
 from rich.logging import RichHandler
 
-from shardeval import interrupt
-from shardeval.display import err_console, live_progress, out_console, print_summary, spinner
+from shardeval.commands.options import RunsOutputOpt, RunsSpecOpt
+from shardeval.display import err_console, out_console, print_summary, spinner
 from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError, SpecError
 from shardeval.overrides import resolve_spec
+from shardeval.run_console import evaluate_session, print_log_location, route_prefect_logs
+
+if TYPE_CHECKING:
+    pass
 
 try:  # typer >= 0.29 vendors click: its usage errors are not click's own exception classes
     from typer._click.exceptions import ClickException as _TyperClickException
@@ -45,7 +47,7 @@ app = typer.Typer(
 )
 
 SpecArg = Annotated[
-    str, typer.Argument(help="Eval spec YAML (path or fsspec URL).", show_default=False)
+    str, typer.Argument(help="Eval spec or suite YAML (path or fsspec URL).", show_default=False)
 ]
 OutputOpt = Annotated[
     str | None, typer.Option("--output", "-o", help="Where runs are stored (any fsspec URL).")
@@ -130,12 +132,30 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Run an eval (or resume it: the same command continues where it stopped)."""
+    """Run an eval or a suite (or resume it: the same command continues where it stopped)."""
+    if _is_suite(spec):
+        from shardeval.suite_cli import run_suite
+
+        unsupported: dict[str, object] = {"--run-id": run_id, "--fresh": fresh}
+        unsupported["--batch-size"] = batch_size
+        unsupported |= {"--concurrency": concurrency, "--dask-address": dask_address}
+        unsupported["--task-runner"] = task_runner if task_runner != "threads" else None
+        unsupported |= {"--model": model, "--set": set_, "--baseline": baseline}
+        unsupported["--fail-on-regression"] = fail_on_regression
+        return run_suite(
+            _spec_source(spec),
+            output=output,
+            retry_failed=retry_failed,
+            limit=limit,
+            wait=wait,
+            quiet=quiet,
+            verbose=verbose,
+            unsupported=unsupported,
+        )
     started = time.monotonic()
     _configure_logging(verbose)
-    from shardeval.launch import run_evaluate
     from shardeval.session import RunSession
-    from shardeval.taskrunners import NO_SERVER_WARNING, check_task_runner, has_prefect_server
+    from shardeval.taskrunners import check_task_runner
 
     runner_kind = check_task_runner(task_runner, dask_address)
     if fail_on_regression and not baseline:
@@ -157,67 +177,18 @@ def run(
     )
     if session.new_run_reason:
         err_console.print(f"[yellow]{_escape(session.new_run_reason)}[/]")
-    stored = session.answer_from_storage()
-    if stored is not None:
-        err_console.print(
-            f"[dim]run {session.run_id} is complete and current: answered from storage[/]"
-        )
-        print_summary(
-            stored,
-            wall_s=time.monotonic() - started,
-            sent=0,
-            from_cache=stored["n_rows"],
-            results_dir=session.store.url(),
-        )
-        if baseline:
-            from shardeval.baseline import compare_with_baseline
-
-            found = compare_with_baseline(session.store, session.spec.name, baseline)
-            _report_comparison(found.to_dict() if found else None, fail_on_regression)
-        return
-    if not no_preflight:  # before Prefect starts: a wrong endpoint or key fails in seconds
-        with spinner("Checking the endpoint...", enabled=not quiet and sys.stderr.isatty()):
-            session.preflight()
-    show = not quiet and sys.stderr.isatty()
-    # Without PREFECT_API_URL, start_prefect gives the workers shardeval's local server.
-    local_off = os.environ.get("SHARDEVAL_LOCAL_SERVER", "").strip() == "0"
-    if runner_kind != "threads" and local_off and not has_prefect_server():
-        err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")
-    _install_signal_handlers(session.run_id, session.spec.grace_period_s)
-    with spinner("Loading Prefect...", enabled=show):
-        import prefect  # noqa: F401  (its import configures logging, redirected next)
-    _route_prefect_logs(session.store, verbose)
-    progress = session.progress
-    with live_progress(progress, enabled=not quiet):
-        summary = run_evaluate(
-            session,
-            wait=wait,
-            task_runner=runner_kind,
-            dask_address=dask_address,
-            baseline=baseline,
-            show=show,
-        )
-    print_summary(
-        summary,
-        wall_s=time.monotonic() - started,
-        sent=progress.sent,
-        from_cache=progress.from_cache,
-        results_dir=session.store.url(),
+    evaluate_session(
+        session,
+        started=started,
+        quiet=quiet,
+        verbose=verbose,
+        wait=wait,
+        task_runner=runner_kind,
+        dask_address=dask_address,
+        no_preflight=no_preflight,
+        baseline=baseline,
+        fail_on_regression=fail_on_regression,
     )
-    if baseline:
-        _report_comparison(summary.get("comparison"), fail_on_regression)
-
-
-def _report_comparison(comparison: dict[str, Any] | None, fail_on_regression: bool) -> None:
-    """Print the run's comparison with its baseline; exit 3 on a regression if asked."""
-    from shardeval.commands.compare import gate, print_comparison_dict
-
-    if comparison is None:
-        err_console.print("[dim]no baseline yet: nothing to compare with[/]")
-        return
-    print_comparison_dict(comparison)
-    if fail_on_regression:
-        gate(comparison)
 
 
 @app.command()
@@ -235,11 +206,15 @@ def validate(
         ),
     ] = False,
 ) -> None:
-    """Check a spec and its dataset (prompts, metrics, provider) without running the eval.
+    """Check a spec (or every cell of a suite) and its dataset without running the eval.
 
     Without --check-endpoint no request is made; the API key is then only checked to be set
     for api.openai.com (other endpoints may need none).
     """
+    if _is_suite(spec):
+        from shardeval.suite_cli import validate_suite
+
+        return validate_suite(_spec_source(spec), limit=limit)
     from shardeval.hashing import default_run_id
     from shardeval.validation import validate as validate_spec
 
@@ -271,7 +246,8 @@ def validate(
 @app.command()
 def status(
     run_id: Annotated[str, typer.Argument(help="The run to look at.", show_default=False)],
-    output: OutputOpt = None,
+    output: RunsOutputOpt = None,
+    spec: RunsSpecOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show what a run holds: items done, errors, batches, tokens, who holds it, if complete.
@@ -281,10 +257,10 @@ def status(
     """
     import json
 
-    from shardeval.spec import EvalSpec
+    from shardeval.catalog import resolve_output
     from shardeval.status import read_status, render_status
 
-    found = read_status(output or EvalSpec.model_fields["output"].default, run_id)
+    found = read_status(resolve_output(output, spec), run_id)
     if as_json:
         print(json.dumps(found.to_dict(), indent=2, sort_keys=True))
     else:
@@ -312,20 +288,17 @@ def rescore(
     """Apply metrics to a run's stored responses: new results and metrics, no model call."""
     started = time.monotonic()
     _configure_logging(verbose)
+    from shardeval.catalog import resolve_output
     from shardeval.launch import start_prefect
     from shardeval.rescore import prepare_rescore
 
     source = _spec_source(spec) if spec else None
-    if output is None:
-        from shardeval.overrides import resolve_spec
-        from shardeval.spec import EvalSpec
-
-        output = resolve_spec(source).output if source else EvalSpec.model_fields["output"].default
+    output = resolve_output(output, source)
     job = prepare_rescore(run_id, output, source)  # exit 2 before Prefect if it cannot work
     show = not quiet and sys.stderr.isatty()
     with spinner("Loading Prefect...", enabled=show):
         from flows.rescore import rescore as rescore_flow
-    _route_prefect_logs(job.store, verbose)
+    route_prefect_logs(job.store, verbose)
     start_prefect(show)
     summary = rescore_flow(run_id=run_id, spec=source, output=output, wait=wait)
     print_summary(
@@ -369,6 +342,12 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _is_suite(spec: str) -> bool:
+    from shardeval.suite import is_suite_file
+
+    return is_suite_file(_spec_source(spec))
+
+
 def _overrides(model: str | None, sets: list[str] | None) -> list[str]:
     """``--model`` and ``--set`` as the flow's ``overrides`` parameter (FIELD=VALUE strings).
 
@@ -384,98 +363,6 @@ def _overrides(model: str | None, sets: list[str] | None) -> list[str]:
 
 def _spec_source(spec: str) -> str:
     return spec if "://" in spec else str(Path(spec).expanduser().resolve())
-
-
-def _install_signal_handlers(run_id: str, grace_period_s: float) -> None:
-    """Make Ctrl-C/SIGTERM (to this process or its whole group) stop ``run_id`` gracefully.
-
-    The first signal stops sending, lets requests in flight finish, saves and exits 130;
-    a second one (or one after the run already stopped for another reason) exits at once:
-    every file is written atomically, so nothing is corrupted, and the lease expires by
-    itself. Dask workers of a local cluster get the group's signal too, and stop the same
-    way with the same grace period (:func:`shardeval.interrupt.handle_signals_in_dask_worker`).
-    """
-    os.environ[interrupt.GRACE_ENV] = f"{grace_period_s:g}"
-    signalled = threading.Event()  # this process's, not the run's: the run's stop is
-    # forgotten when its flow unwinds, and Prefect then hands a second SIGTERM back here.
-
-    def stop_now() -> None:
-        err_console.print("[red]stopping now[/]")
-        _print_log_location()
-        os._exit(EXIT_INTERRUPTED)
-
-    interrupt.on_second_signal(stop_now)  # the flow's own SIGTERM handler calls it
-
-    def handler(signum: int, frame: Any) -> None:
-        if signalled.is_set() or interrupt.any_requested():
-            stop_now()
-        err_console.print(
-            f"[yellow]stopping: no new requests; {grace_period_s:g}s for those in flight, "
-            "then saving (press Ctrl-C again to stop at once)[/]"
-        )
-        signalled.set()
-        message = "stopped by a signal"
-        interrupt.stop_run(run_id, "interrupted", message, grace_period_s=grace_period_s)
-        interrupt.stop_active("interrupted", message, grace_period_s=grace_period_s)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
-_prefect_log: Path | None = None
-"""Where Prefect's log lines went (see :func:`_route_prefect_logs`), to say so at the end."""
-
-
-def _route_prefect_logs(store: Any, verbose: bool) -> None:
-    """Send Prefect's (and Dask's) log lines to a file instead of the console.
-
-    Their tracebacks and ERROR lines (an API hiccup, a task crash report, an events worker
-    retrying) are not for the person at the terminal: the run's own outcome is printed once,
-    cleanly, by :func:`main`. They go to ``prefect.log`` in the run directory (local
-    output), else to ``shardeval-logs/<run id>.log`` in the temp directory; the final
-    message says where. ``--verbose`` keeps them on the console. Call after Prefect is
-    imported (its import configures logging); its flow-run logs still reach the API and UI.
-    """
-    global _prefect_log
-    if verbose:
-        return
-    import tempfile
-
-    candidates = [Path(store.path("prefect.log"))] if store.is_local else []
-    candidates.append(Path(tempfile.gettempdir()) / "shardeval-logs" / f"{store.run_id}.log")
-    file_handler: logging.Handler | None = None
-    for path in candidates:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            file_handler = logging.FileHandler(path, encoding="utf-8")
-        except OSError:  # a full or read-only output: the temp directory will do
-            continue
-        _prefect_log = path
-        break
-    logging.raiseExceptions = False  # a failing log write (a full disk) must not print either
-    if file_handler is None:
-        file_handler = logging.NullHandler()
-    file_handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-7s %(threadName)s %(name)s - %(message)s")
-    )
-    for name in (None, "prefect._internal", "uvicorn", "fastapi"):
-        logger = logging.getLogger(name)
-        consoles = [h for h in logger.handlers if _is_console(h)]
-        for handler in consoles:
-            logger.removeHandler(handler)
-        if consoles:
-            logger.addHandler(file_handler)
-
-
-def _is_console(handler: logging.Handler) -> bool:
-    return isinstance(handler, logging.StreamHandler) and not isinstance(
-        handler, logging.FileHandler
-    )
-
-
-def _print_log_location() -> None:
-    if _prefect_log is not None and _prefect_log.exists() and _prefect_log.stat().st_size:
-        err_console.print(f"[dim]Prefect's log: {_escape(str(_prefect_log))}[/]")
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -501,7 +388,7 @@ def main() -> None:
         app(standalone_mode=False)
     except ShardevalError as exc:
         err_console.print(f"[bold red]error[/]: {_escape(str(exc))}")
-        _print_log_location()
+        print_log_location()
         if isinstance(exc, RunInterrupted):
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(exc.exit_code)

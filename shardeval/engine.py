@@ -49,7 +49,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from shardeval import budget, interrupt
+from shardeval import budget, endpoint_limits, interrupt
 from shardeval.errors import (
     ConnectionFailedError,
     EndpointError,
@@ -367,7 +367,12 @@ class Engine:
                             return Outcome(key=request.key, status="cancelled", attempts=attempts)
                         if self.stop_error is not None:
                             return self._not_sent(request, attempts)
-                        async with self._gate(), self._global_slot():
+                        # + the endpoint's limit shared with other runs (suite cells)
+                        async with (
+                            self._gate(),
+                            self._global_slot(),
+                            endpoint_limits.slot(self.model),
+                        ):
                             if self.stop_error is not None:
                                 return self._not_sent(request, attempts)
                             attempts += 1

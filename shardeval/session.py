@@ -47,6 +47,7 @@ from shardeval.overrides import resolve_spec
 from shardeval.planning import RunPlan
 from shardeval.progress import RunProgress, progress_for
 from shardeval.run_id import choose_run_id
+from shardeval.runcard import CardKeeper, record_complete
 from shardeval.runner import BatchWork, RunRef
 from shardeval.spec import EvalSpec
 from shardeval.storage import RunStore
@@ -79,7 +80,25 @@ class AttemptStats:
 
 
 class RunSession:
-    """One attempt of one run (see the module docstring for the steps)."""
+    """One attempt of one run (see the module docstring for the steps).
+
+    ``__slots__`` also keeps Prefect from encoding a session handed to a flow as a parameter
+    attribute by attribute (its plan holds every row's key): with no ``__dict__`` the encoder
+    gives up at once and the flow run records ``<RunSession>``.
+    """
+
+    __slots__ = (
+        "_card",
+        "_found",
+        "_judgements",
+        "_stored",
+        "new_run_reason",
+        "retry_failed",
+        "run_id",
+        "stats",
+        "store",
+        "validated",
+    )
 
     def __init__(
         self,
@@ -100,6 +119,7 @@ class RunSession:
         self._found: Survey | None = None
         self._judgements: dict[str, Judgements] = {}
         self._stored: list[pa.Table] | None = None
+        self._card: CardKeeper | None = None
 
     # ------------------------------------------------------------------ prepare
     @classmethod
@@ -175,6 +195,7 @@ class RunSession:
             return None
         RunLock(self.store).clear_stale()  # left by a kill between metrics.json and release
         assert isinstance(summary, dict)
+        record_complete(self, summary)  # the card of a run killed before it said "complete"
         return summary
 
     def preflight(self) -> None:
@@ -217,7 +238,9 @@ class RunSession:
             self.progress.plan(self.plan.n_rows, len(self.plan.batches), 0)
             self.stats.resume_message = describe_resume(self.run_id, self.plan, self._found)
             logger.info(self.stats.resume_message)
-            yield self.stats.resume_message
+            self._card = CardKeeper(self)  # run.json: running, refreshed, then how it ended
+            with self._card:
+                yield self.stats.resume_message
 
     def _record_attempt(self) -> None:
         """Write spec.json and plan.parquet for this attempt (the lease holder only)."""
@@ -377,7 +400,7 @@ class RunSession:
     def finalize(self, run_stats: Mapping[str, Any] | None = None) -> Finalized:
         """results.parquet, then metrics.json; judgements are an input, not metric state."""
         del run_stats  # counted by the progress; kept for callers that pass it
-        return finalize(
+        done = finalize(
             self.store,
             self.plan,
             self.metrics,
@@ -386,6 +409,8 @@ class RunSession:
             judgements=self._judgements or None,
             stored=self._stored,
         )
+        (self._card or CardKeeper(self)).finish(done.metrics_json)
+        return done
 
 
 def describe_resume(run_id: str, plan: RunPlan, found: Survey) -> str:

@@ -11,7 +11,16 @@ import importlib
 
 import typer
 
-COMMAND_MODULES: tuple[str, ...] = ("compare", "alerts", "report", "server")
+COMMAND_MODULES: tuple[str, ...] = (
+    "runs",
+    "resume",
+    "rm",
+    "tag",
+    "compare",
+    "alerts",
+    "report",
+    "server",
+)
 """Modules of this package that add commands (``shardeval.commands.<name>``)."""
 
 

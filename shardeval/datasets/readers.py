@@ -190,9 +190,17 @@ def _read_csv(handle: IO[bytes], plan: ReadPlan) -> Iterator[Chunk]:
 
 
 def _read_parquet(handle: IO[bytes], plan: ReadPlan) -> Iterator[Chunk]:
-    """Parquet, one record batch of at most ``chunk_rows`` rows at a time."""
+    """Parquet, one record batch of at most ``chunk_rows`` rows at a time.
+
+    The file is read whole into a buffer Arrow owns and decoded from there: pyarrow 26 aborts
+    the interpreter at exit in a share of the processes that read Parquet through a Python file
+    object (docs/performance.md, "Storage details"). Parquet is compact, and the rows are still
+    converted a chunk at a time.
+    """
+    sink = pa.BufferOutputStream()
+    sink.write(handle.read())
     try:
-        parquet = pq.ParquetFile(handle)
+        parquet = pq.ParquetFile(sink.getvalue())
     except pa.ArrowInvalid as exc:
         raise DatasetError(f"{plan.url}: not a valid Parquet file: {exc}") from None
     try:

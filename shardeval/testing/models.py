@@ -12,7 +12,10 @@ from typing import Any
 
 from shardeval.testing.answers import DEFAULT_WRONG_EVERY, answer_arith, last_user_message
 
-__all__ = ["arith", "arith_async"]
+__all__ = ["arith", "arith_async", "arith_sloppy"]
+
+SLOPPY_WRONG_EVERY = 3
+"""``arith_sloppy`` is wrong for about a third of the questions (``arith``: a tenth)."""
 
 
 def arith(item: Mapping[str, Any], messages: Sequence[Mapping[str, Any]]) -> str:
@@ -45,3 +48,18 @@ async def arith_async(item: Mapping[str, Any], messages: Sequence[Mapping[str, A
     """
     await asyncio.sleep(0)
     return arith(item, messages)
+
+
+def arith_sloppy(item: Mapping[str, Any], messages: Sequence[Mapping[str, Any]]) -> str:
+    """A worse twin of :func:`arith` (wrong about a third of the time), for comparing models.
+
+    ``examples/suite.yaml`` evaluates both, so an offline suite has two models that differ.
+
+    Args:
+        item: The dataset row (unused).
+        messages: The rendered chat messages.
+
+    Returns:
+        The sum as text, off by one for a deterministic ~33% of questions.
+    """
+    return answer_arith(last_user_message(messages), SLOPPY_WRONG_EVERY)

@@ -17,7 +17,12 @@ def test_deployments_share_definitions() -> None:
     config = load()
     assert "definitions" in config
     by_name = {d["name"]: d for d in config["deployments"]}
-    assert set(by_name) == {"evaluate", "evaluate-nightly"}
+    assert set(by_name) == {"evaluate", "evaluate-nightly", "evaluate-suite-nightly"}
+    suite = by_name.pop("evaluate-suite-nightly")
+    assert suite["entrypoint"] == "flows/suite.py:evaluate_suite"
+    assert (ROOT / suite["parameters"]["suite"]).exists()
+    (nightly,) = suite["schedules"]
+    assert nightly["cron"] == "0 3 * * *" and nightly["timezone"] == "UTC"
     for deployment in by_name.values():
         assert deployment["entrypoint"] == "flows/evaluate.py:evaluate"
         assert deployment["work_pool"]["name"] == "shardeval"

@@ -34,6 +34,7 @@ PUBLIC = [
     "load_spec",
     "open_run",
     "rescore",
+    "resume",
     "run",
 ]
 

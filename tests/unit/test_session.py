@@ -231,3 +231,11 @@ def test_max_cost_stops_the_run_and_a_higher_limit_continues(tmp_path: Path) -> 
     summary = run_without_prefect(again)
     assert summary["n_ok"] == 20
     assert summary["cost"]["usd"] == pytest.approx(0.40)
+
+
+def test_a_session_handed_to_the_flow_is_not_encoded_row_by_row(tmp_path: Path) -> None:
+    """Prefect records flow parameters; a session's plan must not be walked to do so."""
+    from flows.evaluate import evaluate
+
+    session = RunSession.prepare(str(write_spec(tmp_path, n_items=50)))
+    assert evaluate.serialize_parameters({"spec": session}) == {"spec": "<RunSession>"}

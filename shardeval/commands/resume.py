@@ -1,0 +1,61 @@
+"""``shardeval resume RUN_ID``: continue a run from what it stored, without its spec file."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from shardeval.commands.options import RunIdArg, RunsOutputOpt, RunsSpecOpt
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``resume`` to the app."""
+    app.command("resume")(resume)
+
+
+def resume(
+    run_id: RunIdArg,
+    output: RunsOutputOpt = None,
+    spec: RunsSpecOpt = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Send again the rows whose status is error.")
+    ] = False,
+    allow_dataset_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-dataset-change",
+            help="Go on if the dataset changed since the run's last attempt (only the "
+            "changed items are sent).",
+        ),
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate only the first N items.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for another process holding the run.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """Continue a run from its spec.json: same run id, same dataset, only what is missing.
+
+    The API key comes from the environment variable named in the run's model block. If the
+    dataset changed or vanished since the run's last attempt, it says what and exits 2.
+    """
+    started = time.monotonic()
+    from shardeval.catalog import resolve_output
+    from shardeval.cli import _configure_logging
+    from shardeval.resume import prepare_resume
+    from shardeval.run_console import evaluate_session
+
+    _configure_logging(verbose)
+    session = prepare_resume(
+        run_id,
+        resolve_output(output, spec),
+        retry_failed=retry_failed,
+        allow_dataset_change=allow_dataset_change,
+        limit=limit,
+    )
+    evaluate_session(session, started=started, quiet=quiet, verbose=verbose, wait=wait)

@@ -1,0 +1,161 @@
+"""``shardeval run SUITE.yaml`` and ``shardeval validate SUITE.yaml``.
+
+:mod:`shardeval.cli` hands a file with a top-level ``suite:`` key over to these functions.
+Exit codes are the CLI's: 0 every cell complete, 1 a cell failed (the others are complete
+and kept), 2 the suite or one of its specs is invalid (found before any model call), 130
+interrupted. A suite whose cells are all complete and current is answered from storage
+without starting Prefect.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from shardeval.display import err_console, out_console, spinner
+from shardeval.errors import ShardevalError, SpecError
+from shardeval.suite_report import suite_table
+from shardeval.suite_session import SuiteSession
+
+
+def run_suite(
+    source: str,
+    *,
+    output: str | None,
+    retry_failed: bool,
+    limit: int | None,
+    wait: bool,
+    quiet: bool,
+    verbose: bool,
+    unsupported: Mapping[str, object],
+) -> None:
+    """Run (or resume) every cell of a suite; print the evals × models table."""
+    from shardeval.cli import _configure_logging
+    from shardeval.run_console import install_signal_handlers, route_prefect_logs
+
+    given = [option for option, value in unsupported.items() if value not in (None, False)]
+    if given:
+        raise SpecError(
+            f"{', '.join(given)} cannot be used with a suite ({source})",
+            hint="set such fields per eval in the suite file (`set:`) or per model (`models:`)",
+        )
+    started = time.monotonic()
+    _configure_logging(verbose)
+    suite = SuiteSession.prepare(source, output=output, retry_failed=retry_failed, limit=limit)
+    for cell in suite.cells:
+        if cell.session.new_run_reason:
+            err_console.print(f"[yellow]{cell.label}: {_escape(cell.session.new_run_reason)}[/]")
+    if not suite.start():
+        suite.finish()
+        err_console.print(
+            f"[dim]suite {suite.suite_run_id}: all {len(suite.cells)} cells are complete and "
+            "current: answered from storage[/]"
+        )
+        _print_result(suite, time.monotonic() - started)
+        return
+    show = not quiet and sys.stderr.isatty()
+    grace = max(c.session.spec.grace_period_s for c in suite.cells)
+    # The CLI's handler stops the suite (no new cell) and every active cell's run.
+    install_signal_handlers(suite.suite_run_id, grace)
+    with spinner("Loading Prefect...", enabled=show):
+        from flows.suite import evaluate_suite
+    route_prefect_logs(suite.store, verbose)
+    from shardeval.launch import start_prefect
+
+    start_prefect(show)
+    try:
+        with suite_progress(suite, enabled=not quiet):
+            evaluate_suite(suite=suite, wait=wait)
+    except ShardevalError:
+        _print_result(suite, time.monotonic() - started)
+        raise
+    _print_result(suite, time.monotonic() - started)
+
+
+def validate_suite(source: str, *, limit: int | None) -> None:
+    """Check every cell of a suite (spec, dataset, prompts, metrics) without a model call."""
+    suite = SuiteSession.prepare(source, limit=limit)
+    out_console.print(f"[green]ok[/]: {source}")
+    out_console.print(
+        f"  suite: {suite.name} · {len(suite.cells)} cells · {suite.parallel} at a time"
+    )
+    for cell in suite.cells:
+        plan = cell.session.plan
+        out_console.print(
+            f"  {cell.label}: {plan.n_rows:,} requests in {len(plan.batches):,} batches · "
+            f"run id {cell.run_id}"
+        )
+    out_console.print(f"  suite run id: {suite.suite_run_id}")
+    out_console.print(f"  suite files: {suite.store.url()}")
+
+
+def _print_result(suite: SuiteSession, wall_s: float) -> None:
+    out_console.print(suite_table(suite))
+    counts = suite.counts()
+    out_console.print(
+        f"cells: {counts['done']} complete · "
+        + (f"[red]{counts['failed']} failed[/]" if counts["failed"] else "0 failed")
+        + (f" · {counts['waiting']} not finished" if counts["waiting"] else "")
+    )
+    out_console.print(f"wall time: {wall_s:.1f}s")
+    out_console.print(f"suite: {suite.store.url()}")
+
+
+@contextmanager
+def suite_progress(suite: SuiteSession, *, enabled: bool = True) -> Iterator[None]:
+    """One live display for the suite: cells done/running/failed, items across all cells."""
+    if not enabled:
+        yield
+        return
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        refresh_per_second=4,
+    )
+    task = bar.add_task(f"suite {suite.name}", total=None, detail="")
+    stop = threading.Event()
+
+    def update() -> None:
+        counts = suite.counts()
+        detail = (
+            f"cells {counts['done']}/{len(suite.cells)} done · {counts['running']} running · "
+            + (f"[red]{counts['failed']} failed[/]" if counts["failed"] else "0 failed")
+        )
+        bar.update(task, total=counts["items"], completed=counts["items_done"], detail=detail)
+
+    def poll() -> None:
+        while not stop.wait(0.25):
+            update()
+
+    with bar:
+        thread = threading.Thread(target=poll, name="shardeval-suite-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            update()
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

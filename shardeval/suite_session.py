@@ -1,0 +1,321 @@
+"""A suite session: every cell validated, then run (each an ordinary run), recorded as it goes.
+
+The life of a suite (docs/suites.md)::
+
+    SuiteSession.prepare(suite.yaml)    load + resolve cells; RunSession.prepare per cell
+                                        (dataset, prompts, metrics): any problem → exit 2
+    suite.start()                       suite.json: each cell complete or incomplete, decided
+                                        by content (the cell's metrics.json is current for its
+                                        plan and metrics), never by names or command lines
+    for each pending cell (parallel):   suite.cell_started / cell_finished / cell_failed
+        the ``evaluate`` flow on its prepared RunSession
+    suite.finish()                      summary.json (every cell's metrics), written last
+
+A cell's run id is its own run's id (so ``status``, ``rescore``, ``compare`` work on it); the
+suite run id is ``<suite>-<short hash of the cells' run ids>``, so typing the same command
+again finds the same suite. The Prefect flow (flows/suite.py) and the CLI compose these
+steps; nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from shardeval import __version__
+from shardeval.endpoint_limits import EndpointKey, smallest_limits
+from shardeval.errors import RunIncomplete, ShardevalError
+from shardeval.hashing import digest
+from shardeval.session import RunSession
+from shardeval.storage import RunStore
+from shardeval.suite import Cell, SuiteError, load_suite
+
+CellStatus = Literal["complete", "incomplete", "failed"]
+SUITE_ID_VERSION = 1
+"""Part of the suite run id's hash: bump it (with a migration note) if its inputs change."""
+
+
+class SuiteIncomplete(RunIncomplete):
+    """Some cells of a suite failed (exit 1); the others are complete and kept."""
+
+
+class SuiteStore(RunStore):
+    """``<output>/suites/<suite run id>/``: a run store rooted at the suite's directory.
+
+    The same filesystem, atomic whole-file writes and JSON reading as a run's files.
+    """
+
+    def __init__(self, output: str, suite_run_id: str) -> None:
+        super().__init__(output, suite_run_id)
+        base = posixpath.dirname(posixpath.dirname(self.root))  # <base>/runs/<id> → <base>
+        self.root = posixpath.join(base, "suites", suite_run_id)
+
+    @property
+    def suite_path(self) -> str:  # noqa: D102
+        return self.path("suite.json")
+
+    @property
+    def summary_path(self) -> str:  # noqa: D102
+        return self.path("summary.json")
+
+
+@dataclass
+class CellRun:
+    """One cell: its resolved spec, its prepared run session, what became of it."""
+
+    cell: Cell
+    session: RunSession
+    status: CellStatus = "incomplete"
+    error: str | None = None
+    metrics: dict[str, Any] | None = None
+    running: bool = False
+    wall_s: float | None = None
+    """Wall time of this attempt's work on the cell (None when answered from storage)."""
+    from_storage: bool = False
+    _started: float = 0.0
+
+    @property
+    def run_id(self) -> str:  # noqa: D102
+        return self.session.run_id
+
+    @property
+    def label(self) -> str:
+        """``arith × gpt-4o``: how the display, the UI and errors name the cell."""
+        return f"{self.cell.eval_label} × {self.cell.model_label}"
+
+    def record(self) -> dict[str, Any]:
+        """The cell's entry of suite.json."""
+        return {
+            "eval": self.cell.eval_label,
+            "model": self.cell.model_label,
+            "spec": self.cell.spec_path,
+            "run_id": self.run_id,
+            "output": self.session.store.output,
+            "status": self.status,
+            "error": self.error,
+            "wall_s": None if self.wall_s is None else round(self.wall_s, 3),
+        }
+
+
+@dataclass
+class SuiteSession:
+    """One attempt of one suite (see the module docstring for the steps)."""
+
+    name: str
+    suite_run_id: str
+    source: str | None
+    parallel: int
+    cells: list[CellRun]
+    store: SuiteStore
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    _lock: Any = field(default_factory=threading.Lock, repr=False)  # Any: Prefect's schemas
+
+    # ------------------------------------------------------------------ prepare
+    @classmethod
+    def prepare(
+        cls,
+        source: str | Path | Mapping[str, Any],
+        *,
+        output: str | None = None,
+        retry_failed: bool = False,
+        limit: int | None = None,
+        flow_run_id: str | None = None,
+    ) -> SuiteSession:
+        """Load the suite and validate every cell before any model call (raises exit 2).
+
+        ``flow_run_id`` (a deployment): each cell's run id gets the flow run's id, like the
+        ``evaluate`` deployment's, so each flow run is a new suite run and a retry of the
+        same flow run (which keeps its id) resumes every cell.
+        """
+        loaded = load_suite(source)
+        out = output or loaded.spec.output
+        cells = []
+        for cell in loaded.cells:
+            try:
+                session = RunSession.prepare(
+                    cell.spec,
+                    output=out,
+                    retry_failed=retry_failed,
+                    limit=limit,
+                    flow_run_id=flow_run_id,
+                )
+            except ShardevalError as exc:
+                if exc.exit_code != SuiteError.exit_code:
+                    raise
+                raise SuiteError(f"{cell.where}: {exc.message}", hint=exc.hint) from None
+            cells.append(CellRun(cell, session))
+        _no_duplicates(cells)
+        suite_run_id = suite_run_id_of(loaded.spec.suite, [c.run_id for c in cells])
+        suite_output = out or cells[0].session.store.output
+        return cls(
+            name=loaded.spec.suite,
+            suite_run_id=suite_run_id,
+            source=loaded.source,
+            parallel=loaded.spec.parallel,
+            cells=cells,
+            store=SuiteStore(suite_output, suite_run_id),
+        )
+
+    def endpoint_limits(self) -> dict[EndpointKey, int]:
+        """Per endpoint, the smallest ``concurrency`` among the cells using it."""
+        return smallest_limits([c.session.spec.model for c in self.cells])
+
+    # ------------------------------------------------------------------- start
+    def start(self) -> list[CellRun]:
+        """Answer every cell it can from storage, write suite.json; return the cells to run.
+
+        A cell is complete when its run's metrics.json is current for its plan and metrics
+        (:meth:`RunSession.answer_from_storage`): the same test a single ``shardeval run``
+        makes, so an edited spec re-runs exactly its cell, and only what changed in it.
+        """
+        self.started_at = datetime.now(UTC)
+        pending = []
+        for cell in self.cells:
+            stored = cell.session.answer_from_storage()
+            cell.running, cell.wall_s, cell.error = False, None, None
+            if stored is not None:
+                cell.status, cell.metrics, cell.from_storage = "complete", stored, True
+            else:
+                cell.status, cell.metrics, cell.from_storage = "incomplete", None, False
+                pending.append(cell)
+        self._write_suite()
+        return pending
+
+    def cell_started(self, cell: CellRun) -> None:
+        """A cell's run starts (the display counts it as running)."""
+        with self._lock:
+            cell.running, cell._started = True, time.monotonic()
+
+    def cell_finished(self, cell: CellRun, metrics: dict[str, Any]) -> None:
+        """A cell's run completed: record it in suite.json."""
+        with self._lock:
+            cell.status, cell.metrics, cell.error = "complete", metrics, None
+            self._stop_clock(cell)
+            self._write_suite()
+
+    def cell_failed(self, cell: CellRun, exc: BaseException, *, interrupted: bool = False) -> None:
+        """A cell could not finish (recorded with why); an interrupted one stays incomplete."""
+        reason = exc.message if isinstance(exc, ShardevalError) else f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            cell.status = "incomplete" if interrupted else "failed"
+            cell.error = reason.splitlines()[0] if reason else type(exc).__name__
+            self._stop_clock(cell)
+            self._write_suite()
+
+    def _stop_clock(self, cell: CellRun) -> None:
+        if cell.running:
+            cell.wall_s = time.monotonic() - cell._started
+        cell.running = False
+
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> dict[str, Any]:
+        """Write summary.json (every cell's metrics), last; return it."""
+        with self._lock:
+            self._write_suite()
+            summary = {
+                **self._header(),
+                "complete": all(c.status == "complete" for c in self.cells),
+                "finished_at": _now(),
+                "cells": [
+                    {**c.record(), "metrics": c.metrics, "main": main_metric(c.metrics)}
+                    for c in self.cells
+                ],
+            }
+            self.store.write_json(self.store.summary_path, summary)
+        return summary
+
+    def raise_for_failures(self) -> None:
+        """Raise :class:`SuiteIncomplete` naming the failed cells and why (exit 1)."""
+        failed = [c for c in self.cells if c.status != "complete"]
+        if not failed:
+            return
+        shown = "; ".join(f"{c.label} ({c.run_id}): {c.error or 'not finished'}" for c in failed)
+        raise SuiteIncomplete(
+            f"suite {self.suite_run_id}: {len(failed)} of {len(self.cells)} cells did not "
+            f"complete: {shown}",
+            hint="run the same command again: complete cells are answered from storage, "
+            "the others resume item by item",
+        )
+
+    # ----------------------------------------------------------------- records
+    def _header(self) -> dict[str, Any]:
+        return {
+            "suite": self.name,
+            "suite_run_id": self.suite_run_id,
+            "source": self.source,
+            "parallel": self.parallel,
+            "started_at": self.started_at.isoformat(timespec="seconds"),
+            "shardeval_version": __version__,
+        }
+
+    def _write_suite(self) -> None:
+        record = {**self._header(), "updated_at": _now(), "cells": [c.record() for c in self.cells]}
+        self.store.write_json(self.store.suite_path, record)
+
+    def counts(self) -> dict[str, int]:
+        """Cells done, running, failed and waiting; items done and total across cells."""
+        out = {"done": 0, "running": 0, "failed": 0, "waiting": 0, "items_done": 0, "items": 0}
+        for cell in self.cells:
+            progress = cell.session.progress
+            total = max(progress.total, cell.session.plan.n_rows)
+            out["items"] += total
+            if cell.status == "complete":
+                out["done"] += 1
+                out["items_done"] += total
+                continue
+            out["items_done"] += min(progress.done, total)
+            if cell.status == "failed":
+                out["failed"] += 1
+            elif cell.running:
+                out["running"] += 1
+            else:
+                out["waiting"] += 1
+        return out
+
+    def __iter__(self) -> Iterator[CellRun]:
+        return iter(self.cells)
+
+
+def suite_run_id_of(name: str, run_ids: list[str]) -> str:
+    """``<suite>-<short hash of the cells' run ids>`` (order of the suite file irrelevant)."""
+    return f"{name}-{digest({'v': SUITE_ID_VERSION, 'cells': sorted(run_ids)}, length=10)}"
+
+
+def main_metric(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The cell's headline: its first metric's mean, 95% CI and n; errors; rows."""
+    if not metrics:
+        return None
+    found = metrics.get("metrics") or {}
+    name = next(iter(found), None)
+    stats = found.get(name, {}) if name else {}
+    return {
+        "metric": name,
+        "mean": stats.get("mean"),
+        "ci95": stats.get("ci95"),
+        "n": stats.get("n"),
+        "n_error": metrics.get("n_error"),
+        "n_rows": metrics.get("n_rows"),
+    }
+
+
+def _no_duplicates(cells: list[CellRun]) -> None:
+    seen: dict[tuple[str, str], CellRun] = {}
+    for cell in cells:
+        key = (cell.session.store.output, cell.run_id)
+        if key in seen:
+            raise SuiteError(
+                f"{cell.cell.where} and {seen[key].cell.where} are the same run "
+                f"({cell.run_id}): nothing that changes the run id differs between them",
+                hint="drop one, or tell them apart (model, prompt, dataset or trials)",
+            )
+        seen[key] = cell
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

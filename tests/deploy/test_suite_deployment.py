@@ -1,0 +1,165 @@
+"""The `evaluate-suite-nightly` deployment on a real server and process worker.
+
+A run completes with every cell as an `evaluate` subflow; a run whose one cell's endpoint is
+down fails naming that cell, and retrying that same flow run through the API resumes it: the
+complete cell comes back from storage (nothing sent), the failed one sends each item once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shardeval.testing.server import ServerConfig, TestServer
+from tests.conftest import ROOT, cli_env
+from tests.deploy.conftest import wait_final
+from tests.helpers.suites import write_suite
+
+pytestmark = pytest.mark.slow
+
+DEPLOYMENT = "evaluate-suite/evaluate-suite-nightly"
+
+
+@pytest.fixture(scope="session")
+def suite_deployment(prefect_api: str, client: Any, work_pool: str) -> Any:
+    """``prefect deploy`` of the nightly suite deployment from prefect.yaml."""
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name",
+         "evaluate-suite-nightly", "--pool", work_pool],
+        cwd=ROOT,
+        env=cli_env(prefect_api),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "successfully created" in output, output[-3000:]
+    return client.read_deployment_by_name(DEPLOYMENT)
+
+
+@pytest.fixture
+def other_server() -> Iterator[TestServer]:
+    server = TestServer.start_in_thread(ServerConfig(latency_min=0.005, latency_max=0.01))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def subflow_runs(client: Any, flow_run_id: Any) -> list[dict[str, Any]]:
+    """The flow runs under a suite flow run (raw API: see tests/deploy/conftest.py)."""
+    response = client.request(
+        "POST",
+        "/flow_runs/filter",
+        json={
+            "flow_runs": {"parent_flow_run_id": {"any_": [str(flow_run_id)]}},
+            "limit": 50,
+            "offset": 0,
+            "sort": "ID_DESC",
+        },
+    )
+    return list(response.json())
+
+
+def suite_cells(output: Path) -> list[dict[str, Any]]:
+    (suite_dir,) = (output / "suites").iterdir()
+    return list(json.loads((suite_dir / "suite.json").read_text())["cells"])
+
+
+def test_nightly_suite_deployment(suite_deployment: Any) -> None:
+    assert suite_deployment.entrypoint == "flows/suite.py:evaluate_suite"
+    assert suite_deployment.parameters == {"suite": "examples/suite.yaml"}
+    (schedule,) = suite_deployment.schedules
+    assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "UTC"
+
+
+def test_a_suite_run_completes_with_cells_as_subflows(
+    worker: Path,
+    suite_deployment: Any,
+    client: Any,
+    use_server: str,
+    llm_server: TestServer,
+    tmp_path: Path,
+) -> None:
+    from prefect.deployments import run_deployment
+
+    suite = write_suite(
+        tmp_path, evals=2, n_items=20, base_url=llm_server.url,
+        models=[{"model": "model-a"}, {"model": "model-b"}],
+    )  # fmt: skip
+    output = tmp_path / "out"
+    flow_run = run_deployment(
+        DEPLOYMENT, parameters={"suite": str(suite), "output": str(output)}, timeout=0
+    )
+    flow_run = wait_final(client, flow_run.id)
+    assert flow_run.state.is_completed(), (flow_run.state, worker.read_text()[-3000:])
+    assert flow_run.name == "suite · nightly"
+
+    cells = suite_cells(output)
+    assert [c["status"] for c in cells] == ["complete"] * 4
+    # A deployment run: each cell's run id carries the flow run's id (a new run per night).
+    assert all(c["run_id"].endswith(str(flow_run.id)[:8]) for c in cells)
+    subflows = subflow_runs(client, flow_run.id)
+    assert sorted(f["name"] for f in subflows) == sorted(
+        f"{e} · {m}" for e in ("e0", "e1") for m in ("model-a", "model-b")
+    )
+    assert {f["state"]["type"] for f in subflows} == {"COMPLETED"}
+    assert llm_server.stats()["completions"] == 4 * 20
+
+
+def test_a_failed_suite_run_retried_through_the_api_resumes(
+    worker: Path,
+    suite_deployment: Any,
+    client: Any,
+    use_server: str,
+    llm_server: TestServer,
+    other_server: TestServer,
+    tmp_path: Path,
+) -> None:
+    from prefect.deployments import run_deployment
+    from prefect.states import Scheduled
+
+    suite = write_suite(tmp_path, evals=2, n_items=20, base_url=llm_server.url)
+    data = yaml.safe_load(suite.read_text())
+    data["evals"][1] = {
+        "path": data["evals"][1],
+        "set": {"model": {"base_url": other_server.url, "max_retries": 0}},
+    }
+    suite.write_text(yaml.safe_dump(data, sort_keys=False))
+    output = tmp_path / "out"
+    other_server.configure(down=True)
+
+    flow_run = run_deployment(
+        DEPLOYMENT, parameters={"suite": str(suite), "output": str(output)}, timeout=0
+    )
+    failed = wait_final(client, flow_run.id)
+    assert failed.state.is_failed(), (failed.state, worker.read_text()[-3000:])
+    message = failed.state.message or ""
+    assert "1 of 2 cells did not complete" in message and "e1 × test-model" in message, message
+    before = suite_cells(output)
+    assert [c["status"] for c in before] == ["complete", "failed"]
+    assert llm_server.stats()["completions"] == 20
+
+    other_server.configure(down=False)
+    other_server.reset()
+    llm_server.reset()
+    result = client.set_flow_run_state(
+        flow_run.id, Scheduled(message="Retried via the API"), force=True
+    )
+    assert result.status.value == "ACCEPT", result
+    retried = wait_final(client, flow_run.id, run_count=2)
+    assert retried.state.is_completed(), (retried.state, worker.read_text()[-3000:])
+
+    after = suite_cells(output)  # the same suite run: one suite directory, same run ids
+    assert [c["run_id"] for c in after] == [c["run_id"] for c in before]
+    assert [c["status"] for c in after] == ["complete", "complete"]
+    assert llm_server.stats()["requests"] == 0  # the complete cell came back from storage
+    stats = other_server.stats()
+    assert stats["completions"] == 20 and max(stats["prompt_completions"].values()) == 1
