@@ -44,7 +44,15 @@ def results_without_timings(path: Path) -> list[dict[str, object]]:
 
 def unexpected_files(root: Path) -> list[str]:
     """Files and non-empty directories outside the documented layout of a finished run."""
-    allowed_files = {"spec.json", "plan.parquet", "results.parquet", "metrics.json"}
+    allowed_files = {
+        "spec.json",
+        "plan.parquet",
+        "results.parquet",
+        "metrics.json",
+        "report.html",
+        "run.json",
+        "prefect.log",  # Prefect's own log lines (the CLI keeps them off the console)
+    }
     problems = []
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
