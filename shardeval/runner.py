@@ -22,12 +22,8 @@ This is the library half of the batch task and does not import Prefect. A batch:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import queue
-import secrets
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,12 +35,11 @@ from shardeval import interrupt
 from shardeval.engine import Engine, Outcome
 from shardeval.errors import (
     RunInterrupted,
-    ShardevalError,
     TransientProviderError,
 )
 from shardeval.finality import drop_auth_rows, has_auth_rows
 from shardeval.journal import Journal, batch_journals, is_journal, open_journal, read_journal
-from shardeval.objectstore import describe_error
+from shardeval.part_writer import PartFlusher, request_meta
 from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress, progress_for
 from shardeval.providers.base import ProviderRequest
@@ -53,12 +48,6 @@ from shardeval.spec import ModelSpec
 from shardeval.storage import RunStore
 
 logger = logging.getLogger("shardeval.runner")
-
-WRITE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
-"""Waits between the attempts to write a batch's buffered rows once writes fail (ENOSPC, an
-S3 hiccup): a few seconds in all, so that a store that comes back keeps them."""
-STORAGE_GRACE_S = 5.0
-"""Requests in flight when the first write fails get this long (their answers are buffered)."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +162,7 @@ def run_batch(
     pending = [r for r in _unique(work.requests) if r.key not in have]
     progress.batch_started(work.key, sum(1 for r in work.requests if r.key in have))
 
-    flusher = _PartFlusher(store, work)
+    flusher = PartFlusher(store, work)
     journal = open_journal(store, work.key) if pending else None
     try:
         outcomes, transient = _send(pending, engine, flusher, journal, progress, work)
@@ -197,7 +186,7 @@ def run_batch(
     if not complete:  # the rest were cancelled: a stop, or the engine closed
         raise RunInterrupted(f"{work.label}: stopped; finished items were saved")
 
-    fresh = outcomes_table(outcomes, *_meta(work.requests)) if outcomes else None
+    fresh = outcomes_table(outcomes, *request_meta(work.requests)) if outcomes else None
     table = _merge(stored, fresh, unique_keys)
     # The batch file makes the items still buffered durable, so they are not written as a
     # part first (one PUT fewer per batch); if the commit fails, they are flushed after all.
@@ -235,10 +224,6 @@ def _unique(requests: Sequence[PlannedRequest]) -> list[PlannedRequest]:
             seen.add(request.key)
             out.append(request)
     return out
-
-
-def _meta(requests: Sequence[PlannedRequest]) -> tuple[dict[str, str], dict[str, int]]:
-    return {r.key: r.item_id for r in requests}, {r.key: r.trial for r in requests}
 
 
 def _read_committed(store: RunStore, work: BatchWork) -> tuple[int | None, bool]:
@@ -310,205 +295,10 @@ def _merge(stored: pa.Table, fresh: pa.Table | None, order: list[str]) -> pa.Tab
     return merged.take([position[k] for k in order])
 
 
-class _FlushWindow:
-    """The flush window of one run in this process, shared by all of its running batches.
-
-    Several batches run at once and share the engine, so their finished items arrive
-    interleaved. Counting ``flush_every_items`` per batch would let each of them hold a window
-    of unflushed items, and a kill would lose one window per running batch. The count is
-    therefore kept per run: whichever batch brings the run's unflushed items to the limit
-    flushes every batch's buffer (one part per batch), so a kill loses at most one window.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._flushers: set[_PartFlusher] = set()
-
-    def register(self, flusher: _PartFlusher) -> None:
-        with self._lock:
-            self._flushers.add(flusher)
-
-    def unregister(self, flusher: _PartFlusher) -> None:
-        with self._lock:
-            self._flushers.discard(flusher)
-
-    def full(self, limit: int) -> bool:
-        """Whether the running batches hold ``limit`` unflushed items between them."""
-        with self._lock:
-            flushers = list(self._flushers)
-        return sum(len(f.buffer) for f in flushers) >= limit
-
-    def flush_all(self, caller: _PartFlusher) -> None:
-        """Start a part for every running batch with buffered rows (see :meth:`flush_soon`)."""
-        with self._lock:
-            flushers = [caller] + [f for f in self._flushers if f is not caller]
-        for flusher in flushers:
-            flusher.flush_soon()
-
-
-_windows: dict[str, _FlushWindow] = {}
-_windows_lock = threading.Lock()
-
-
-def _window_for(store: RunStore) -> _FlushWindow:
-    with _windows_lock:
-        return _windows.setdefault(store.root, _FlushWindow())
-
-
-class _PartFlusher:
-    """Buffers final outcomes and writes them as a part when the window closes.
-
-    On an object store a part is written in the background (``RunStore.submit``): a PUT takes
-    tens of milliseconds, and the batch's thread must keep taking outcomes meanwhile, or the
-    last batches of a run wait for a queue of flushes before they can commit. A write that
-    fails puts its rows back in the buffer and its error is raised in the batch's thread at
-    its next outcome (or at the end). ``flush_soon`` may be called from another batch's
-    thread (see :class:`_FlushWindow`).
-    """
-
-    def __init__(self, store: RunStore, work: BatchWork) -> None:
-        self.store = store
-        self.work = work
-        self.buffer: list[Outcome] = []
-        self.written: list[str] = []
-        self.last_flush = time.monotonic()
-        self.ids, self.trials = _meta(work.requests)
-        self.token = secrets.token_hex(4)
-        self._lock = threading.Condition()
-        self._sequence = 0
-        self._writing = 0
-        self._failed: BaseException | None = None
-        self.window = _window_for(store)
-        self.window.register(self)
-
-    def add(self, outcome: Outcome) -> None:
-        with self._lock:
-            self.buffer.append(outcome)
-            failing = self._failed is not None
-        if failing:  # writes fail: keep it in memory; flush() retries before giving up
-            return
-        if self.window.full(self.work.flush_every_items):
-            self.window.flush_all(self)
-        elif self.due():
-            self.flush_soon()
-
-    def due(self) -> bool:
-        if self._failed is not None:  # writes fail: flush() retries them at the batch's end
-            return False
-        return bool(self.buffer) and time.monotonic() - self.last_flush >= self.work.flush_every_s
-
-    def flush_soon(self) -> None:
-        """Start writing the buffered rows as one part (at once, on local disk)."""
-        cut = self.cut()
-        if cut is not None:
-            self.store.submit(functools.partial(self._write_noting_failure, *cut))
-
-    def flush(self) -> None:
-        """Write the buffered rows as one part and wait for every part of this batch to land.
-
-        Raises the error of a part that could not be written (its rows are buffered again).
-        """
-        with self._lock:
-            self._lock.wait_for(lambda: self._writing == 0)
-        for delay in (*WRITE_RETRY_DELAYS_S, None):
-            cut = self.cut()
-            if cut is None:
-                break
-            try:
-                self.write(*cut)
-                break
-            except Exception as exc:
-                self.note_failure(exc, cut[0])
-                if delay is None:
-                    raise
-                logger.info("%s: retrying the write in %gs", self.work.label, delay)
-                time.sleep(delay)
-        with self._lock:
-            self._failed = None
-
-    def cut(self) -> tuple[str, list[Outcome]] | None:
-        """Take the buffered rows and name their part; None if there are none.
-
-        The lock is held for this bookkeeping only, not for the write (a PUT to a remote
-        store takes tens of milliseconds, and the batch's thread keeps adding meanwhile).
-        Every cut must be followed by :meth:`write`.
-        """
-        with self._lock:
-            self.last_flush = time.monotonic()
-            if not self.buffer:
-                return None
-            rows, self.buffer = self.buffer, []
-            name = f"{time.time_ns():020d}-{self.token}-{self._sequence:05d}.parquet"
-            self._sequence += 1
-            self._writing += 1
-        return self.store.part_path(self.work.key, name), rows
-
-    def write(self, path: str, rows: list[Outcome]) -> None:
-        """Write a part :meth:`cut` named; on failure its rows go back to the buffer."""
-        try:
-            self.store.write_part(path, outcomes_table(rows, self.ids, self.trials))
-        except BaseException:
-            with self._lock:
-                self.buffer = rows + self.buffer
-                self._writing -= 1
-                self._lock.notify_all()
-            raise
-        with self._lock:
-            self.written.append(path)
-            self._writing -= 1
-            self._lock.notify_all()
-
-    def _write_noting_failure(self, path: str, rows: list[Outcome]) -> None:
-        try:
-            self.write(path, rows)
-        except Exception as exc:
-            self.note_failure(exc, path)
-
-    def note_failure(self, exc: BaseException, path: str = "") -> None:
-        """A write failed: stop the run's requests at once; the rows stay in memory.
-
-        Every answer that arrives after the store stopped taking writes is paid for and can
-        only be lost, so the whole run stops sending (a full disk or an expired credential
-        fails every batch alike). The requests in flight get a short grace, their answers are
-        buffered, and :meth:`flush` retries the write before the batch gives up.
-        """
-        with self._lock:
-            self._failed = exc
-        if isinstance(exc, ShardevalError):
-            text = exc.message
-        else:  # e.g. FileNotFoundError of a vanished bucket, which the store passes through
-            where = f" {self.store.url_of(path)}" if path else ""
-            text = f"storage failed to write{where}: {describe_error(exc)}"
-        # stop_run says it once for the run; every batch's failure is logged for --verbose.
-        logger.info("could not flush %s: %s", self.work.label, text)
-        interrupt.stop_run(self.work.run_id, "storage_failed", text, grace_period_s=STORAGE_GRACE_S)
-
-    def take(self) -> list[Outcome]:
-        """Empty the buffer for a caller that stores its rows another way (the batch file).
-
-        Called after :meth:`close`. It waits for parts being written to land, so
-        :attr:`written` is final once this returns (a part that failed has put its rows back
-        in the buffer, and the batch file stores them).
-        """
-        with self._lock:
-            self._lock.wait_for(lambda: self._writing == 0)
-            rows, self.buffer = self.buffer, []
-        return rows
-
-    def restore(self, rows: list[Outcome]) -> None:
-        """Put back rows :meth:`take` removed (their batch file could not be written)."""
-        with self._lock:
-            self.buffer = rows + self.buffer
-
-    def close(self) -> None:
-        """Leave the run's window (the buffer is empty by now, or abandoned on an error)."""
-        self.window.unregister(self)
-
-
 def _send(
     pending: list[PlannedRequest],
     engine: Engine,
-    flusher: _PartFlusher,
+    flusher: PartFlusher,
     journal: Journal | None,
     progress: RunProgress,
     work: BatchWork,

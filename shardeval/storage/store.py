@@ -158,7 +158,7 @@ class RunStore:
         return self.path("parts", batch_key)
 
     def part_path(self, batch_key: str, name: str) -> str:
-        """A part of one batch; names sort oldest first (see ``runner._PartFlusher``)."""
+        """A part of one batch; names sort oldest first (see ``part_writer.PartFlusher``)."""
         return self.path("parts", batch_key, name)
 
     # ------------------------------------------------------------- listing
