@@ -4,10 +4,11 @@ A batch buffers its final outcomes and writes them as a small Parquet part (thro
 :meth:`RunStore.write_part`, the store's atomic write) at least every ``flush_every_s``
 seconds or once the run's running batches hold ``flush_every_items`` unflushed items between
 them (:class:`FlushWindow`), so a kill loses at most one window. The write runs in a worker
-thread, never on the event loop that carries the requests. On local disk every answer is also
-journaled as it arrives (:mod:`shardeval.journal`), so parts there are a compaction, not the
-only copy. When a write fails, the run stops sending (:func:`shardeval.interrupt.stop_run`,
-``storage_failed``) and the rows stay in memory while the write is retried.
+thread, never on the event loop that carries the requests. On local disk answers are journaled
+as they arrive instead (:mod:`shardeval.journal`); there the flusher writes parts only for a
+batch whose journal could not be written. When a write fails, the run stops sending
+(:func:`shardeval.interrupt.stop_run`, ``storage_failed``) and the rows stay in memory while
+the write is retried.
 """
 
 from __future__ import annotations
