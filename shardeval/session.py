@@ -71,6 +71,19 @@ class Stage:
     n_batches: int = 0
 
 
+@dataclass(frozen=True)
+class SessionRef:
+    """What a session becomes when pickled: which run it is, nothing else.
+
+    Prefect ships a flow run's context (its parameters among them) to Dask workers; a session
+    holds the plan, open judges and the run card's refresh thread, none of which a worker needs
+    or could unpickle. Workers rebuild what they need from each batch's ``RunRef``.
+    """
+
+    run_id: str
+    output: str
+
+
 @dataclass
 class AttemptStats:
     """What this attempt did (for the summary and metrics.json)."""
@@ -120,6 +133,10 @@ class RunSession:
         self._judgements: dict[str, Judgements] = {}
         self._stored: list[pa.Table] | None = None
         self._card: CardKeeper | None = None
+
+    def __reduce__(self) -> tuple[type[SessionRef], tuple[str, str]]:
+        """Pickle as a :class:`SessionRef` (see there)."""
+        return SessionRef, (self.run_id, self.store.output)
 
     # ------------------------------------------------------------------ prepare
     @classmethod

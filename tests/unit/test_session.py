@@ -239,3 +239,15 @@ def test_a_session_handed_to_the_flow_is_not_encoded_row_by_row(tmp_path: Path) 
 
     session = RunSession.prepare(str(write_spec(tmp_path, n_items=50)))
     assert evaluate.serialize_parameters({"spec": session}) == {"spec": "<RunSession>"}
+
+
+def test_a_pickled_session_is_just_its_run(tmp_path: Path) -> None:
+    """Prefect ships flow parameters to Dask workers: a session must pickle, and cheaply."""
+    import pickle
+
+    from shardeval.session import SessionRef
+
+    session = RunSession.prepare(str(write_spec(tmp_path, n_items=5, output=str(tmp_path / "o"))))
+    with session.attempt():  # holds the lease and the run card's refresh thread meanwhile
+        restored = pickle.loads(pickle.dumps(session))
+    assert restored == SessionRef(session.run_id, str(tmp_path / "o"))
