@@ -62,14 +62,18 @@ def endpoints(spec: EvalSpec) -> list[Endpoint]:
     return [e for e in found if e.model.provider == "openai"]
 
 
-def preflight(spec: EvalSpec) -> None:
+def preflight(spec: EvalSpec, *, fields: set[str] | None = None) -> None:
     """Check every endpoint of ``spec`` (concurrently); raise on the first that cannot work.
+
+    ``fields`` limits the check to those model blocks (``model``, ``metrics[2].model``): the
+    run session leaves out endpoints it has nothing to send to, since a check can cost a
+    one-token completion.
 
     Raises:
         EndpointError: (exit 2) naming ``<field>.base_url``, ``<field>.model`` or the
             variable of ``<field>.api_key_env``.
     """
-    checks = endpoints(spec)
+    checks = [e for e in endpoints(spec) if fields is None or e.field in fields]
     if not checks:
         return
     asyncio.run(_check_all(checks))

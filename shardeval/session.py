@@ -37,6 +37,7 @@ from shardeval.hashing import default_run_id, model_fingerprint, run_id_inputs
 from shardeval.judging import (
     Judgements,
     judge_metrics,
+    judge_run_id,
     load_judgements,
     plan_judgements,
     tidy_judges,
@@ -216,14 +217,25 @@ class RunSession:
         return summary
 
     def preflight(self) -> None:
-        """Prove every endpoint the run calls answers, with this model and key (exit 2 if not).
+        """Prove every endpoint the run will call answers, with this model and key (exit 2).
 
         Called before any batch: by the CLI and ``shardeval.run`` before Prefect starts, and by
-        the flow's prepare task for a deployment run (docs/cli.md, the preflight).
+        the flow's prepare task for a deployment run (docs/cli.md, the preflight). An endpoint
+        the run has nothing to send to is left alone (a check may cost a one-token completion):
+        the model when every generation is stored, a judge when its judgements are too.
         """
         from shardeval.preflight import preflight
 
-        preflight(self.spec)
+        found = survey(self.store, self.plan, retry_failed=self.retry_failed)
+        fields = set()
+        if self.retry_failed or found.done_rows < self.plan.n_rows:
+            fields.add("model")
+        for index, metric in enumerate(self.metrics):
+            if metric in judge_metrics(self.metrics):
+                judged = RunStore(self.store.output, judge_run_id(self.run_id, metric))
+                if "model" in fields or not judged.list_batches():
+                    fields.add(f"metrics[{index}].model")
+        preflight(self.spec, fields=fields)
 
     # ----------------------------------------------------------------- attempt
     @contextmanager
