@@ -173,6 +173,7 @@ def session_card(
         "n_error": progress.errors,
         "main_metric": None,
         "tokens": None,
+        "cost_usd": None,
         "started_at": session.stats.started_at.isoformat(timespec="seconds"),
         "finished_at": None,
         "status": status,
@@ -192,6 +193,7 @@ def session_card(
             n_error=summary.get("n_error", 0),
             main_metric=main_metric(summary, first_metric_name(spec)),
             tokens=summary.get("usage"),
+            cost_usd=(summary.get("cost") or {}).get("usd"),
             started_at=summary.get("started_at") or card["started_at"],
             finished_at=summary.get("finished_at") or card["finished_at"],
         )

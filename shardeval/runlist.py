@@ -251,6 +251,7 @@ def legacy_entry(store: RunStore) -> RunEntry | None:
         "n_error": None,
         "main_metric": main_metric(summary, first_metric_name(spec)),
         "tokens": None,
+        "cost_usd": None,
         "started_at": record.get("started_at") or (summary or {}).get("started_at"),
         "finished_at": None,
         "status": status,
@@ -265,6 +266,7 @@ def legacy_entry(store: RunStore) -> RunEntry | None:
             n_done=summary.get("n_rows") if complete else None,
             n_error=summary.get("n_error"),
             tokens=summary.get("usage"),
+            cost_usd=(summary.get("cost") or {}).get("usd"),
             finished_at=summary.get("finished_at"),
         )
     if running and holder is not None:

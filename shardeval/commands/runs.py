@@ -72,7 +72,7 @@ def runs_table(entries: list[Any]) -> Any:
 
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("run", no_wrap=True)
-    for column in ("eval", "model", "status", "done", "metric", "errors", "tokens"):
+    for column in ("eval", "model", "status", "done", "metric", "errors", "tokens", "cost"):
         table.add_column(column, justify="right" if column in ("done", "errors") else "left")
     table.add_column("started")
     table.add_column("finished/holder")
@@ -89,6 +89,7 @@ def runs_table(entries: list[Any]) -> Any:
             _metric(card.get("main_metric")),
             _count(card.get("n_error")),
             _tokens(card.get("tokens")),
+            _cost(card.get("cost_usd"), entry.status),
             _short(card.get("started_at")),
             _holder(entry) if entry.status == "running" else _short(card.get("finished_at")),
             ", ".join(entry.tags),
@@ -118,6 +119,13 @@ def _tokens(tokens: Any) -> str:
         return ""
     total = sum(v for v in tokens.values() if isinstance(v, int))
     return f"{total:,}"
+
+
+def _cost(usd: Any, status: str) -> str:
+    """Spent, in USD; ``unknown`` for a complete run without a price (never $0)."""
+    if isinstance(usd, int | float):
+        return f"${usd:,.2f}" if usd >= 0.01 else f"${usd:,.4f}"
+    return "unknown" if status == "complete" else ""
 
 
 def _when(value: Any) -> str:

@@ -251,3 +251,19 @@ def test_a_pickled_session_is_just_its_run(tmp_path: Path) -> None:
     with session.attempt():  # holds the lease and the run card's refresh thread meanwhile
         restored = pickle.loads(pickle.dumps(session))
     assert restored == SessionRef(session.run_id, str(tmp_path / "o"))
+
+
+def test_the_run_card_carries_what_the_run_cost(tmp_path: Path) -> None:
+    """`shardeval runs` reads one card per run: a priced run's card says what it cost."""
+    import json
+
+    model = {
+        "provider": "python",
+        "function": "tests.unit.metric_functions:counted_model",
+        "pricing": {"prompt_per_mtok": 1000.0, "completion_per_mtok": 5000.0},
+    }
+    spec = write_spec(tmp_path, n_items=4, output=str(tmp_path / "out"), model=model)
+    session = RunSession.prepare(str(spec))
+    run_without_prefect(session)
+    card = json.loads(Path(session.store.path("run.json")).read_text())
+    assert card["status"] == "complete" and card["cost_usd"] == pytest.approx(0.08)
