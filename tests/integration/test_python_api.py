@@ -65,3 +65,24 @@ def test_calling_the_flow_directly_resumes_like_the_cli(
     second = evaluate(spec=str(spec), output=str(tmp_path / "out"))
     assert first["run_id"] == second["run_id"]
     assert llm_server.stats()["requests"] == 6
+
+
+def test_a_copied_project_resumes_the_same_run_on_a_shared_output(
+    tmp_path: Path, llm_server: TestServer, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run id hashes the dataset path relative to the spec: a re-clone elsewhere (or a
+    second worker) writing to the same output resumes the run instead of paying again."""
+    import shutil
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    shared = str(tmp_path / "shared-output")
+    first_clone = tmp_path / "clone-a"
+    spec = write_spec(first_clone, base_url=llm_server.url, n_items=10, output=shared)
+    first = shardeval.run(str(spec), limit=6)  # stopped part-way, as a crash would
+    assert llm_server.stats()["requests"] == 6
+    second_clone = tmp_path / "elsewhere" / "clone-b"
+    shutil.copytree(first_clone, second_clone)
+    second = shardeval.run(str(second_clone / spec.name))
+    assert second.id == first.id
+    assert llm_server.stats()["requests"] == 10  # only the 4 items the first clone had not sent
+    assert second.metrics is not None and second.metrics["n_ok"] == 10
