@@ -19,6 +19,7 @@ steps; nothing here imports Prefect.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import threading
 import time
@@ -39,6 +40,9 @@ from shardeval.suite import Cell, SuiteError, load_suite
 CellStatus = Literal["complete", "incomplete", "failed"]
 SUITE_ID_VERSION = 1
 """Part of the suite run id's hash: bump it (with a migration note) if its inputs change."""
+
+
+logger = logging.getLogger("shardeval.suite")
 
 
 class SuiteIncomplete(RunIncomplete):
@@ -63,6 +67,10 @@ class SuiteStore(RunStore):
     @property
     def summary_path(self) -> str:  # noqa: D102
         return self.path("summary.json")
+
+    @property
+    def report_path(self) -> str:  # noqa: D102
+        return self.path("report.html")
 
 
 @dataclass
@@ -215,7 +223,7 @@ class SuiteSession:
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
-        """Write summary.json (every cell's metrics), last; return it."""
+        """Write report.html, then summary.json (every cell's metrics), last; return it."""
         with self._lock:
             self._write_suite()
             summary = {
@@ -227,8 +235,25 @@ class SuiteSession:
                     for c in self.cells
                 ],
             }
+            self._write_report(summary)
             self.store.write_json(self.store.summary_path, summary)
         return summary
+
+    def _write_report(self, summary: dict[str, Any]) -> None:
+        """The suite's page (evals × models with CIs); a failure is a warning, never fatal."""
+        try:
+            from shardeval.report.suite_page import build_suite_report
+
+            # The page wants each cell's metric statistics (metrics.json's "metrics").
+            cells = [
+                {**cell, "metrics": (cell.get("metrics") or {}).get("metrics") or {}}
+                for cell in summary["cells"]
+            ]
+            page = build_suite_report({**summary, "cells": cells})
+            self.store.write_bytes(self.store.report_path, page.encode("utf-8"))
+            summary["report"] = self.store.url_of(self.store.report_path)
+        except Exception as exc:  # the report is a view; the suite's results stand without it
+            logger.warning("could not write the suite's report.html: %r", exc)
 
     def raise_for_failures(self) -> None:
         """Raise :class:`SuiteIncomplete` naming the failed cells and why (exit 1)."""

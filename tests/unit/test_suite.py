@@ -201,6 +201,9 @@ def test_complete_is_decided_by_each_cells_stored_metrics(tmp_path: Path) -> Non
     assert record["cells"][1]["error"] == "RuntimeError: endpoint down"
     stored = json.loads(Path(suite.store.summary_path).read_text())
     assert stored["cells"][0]["metrics"]["n_rows"] == 6
+    page = Path(suite.store.report_path).read_text()  # written before summary.json
+    assert stored["report"].endswith("report.html") and suite.suite_run_id in page
+    assert "http://" not in page and "https://" not in page
     assert stored["cells"][0]["main"]["metric"] == "exact_match"
     with pytest.raises(SuiteIncomplete, match=r"1 of 2 cells .*e1 × arith .*endpoint down"):
         suite.raise_for_failures()
