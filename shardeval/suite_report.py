@@ -1,4 +1,4 @@
-"""A suite's results as tables: evals × models, each cell's main metric, 95% CI, n, errors, time.
+"""A suite's results as tables: evals × models, main metric, 95% CI, n, errors, time, cost.
 
 Shared by the CLI's end-of-suite table, the Prefect table and markdown artifacts. The main
 metric of a cell is its spec's first metric.
@@ -31,6 +31,7 @@ def suite_rows(suite: SuiteSession) -> list[dict[str, Any]]:
                 "n": main.get("n"),
                 "errors": main.get("n_error"),
                 "wall_s": None if cell.wall_s is None else round(cell.wall_s, 1),
+                "cost_usd": cell_cost(cell),
                 "run_id": cell.run_id,
                 "error": cell.error,
             }
@@ -52,8 +53,17 @@ def cell_text(cell: CellRun, *, markup: bool = True) -> str:
         if ci[0] is not None:
             head += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
     time_s = "stored" if cell.wall_s is None else f"{cell.wall_s:.1f}s"
-    tail = f"n={main.get('n')} · errors {main.get('n_error') or 0} · {time_s}"
+    usd = cell_cost(cell)
+    cost = "cost unknown" if usd is None else f"${usd:,.4f}"
+    tail = f"n={main.get('n')} · errors {main.get('n_error') or 0} · {time_s} · {cost}"
     return f"{head}\n{tail}" if head else tail
+
+
+def cell_cost(cell: CellRun) -> float | None:
+    """What the cell's run cost (metrics.json ``cost.usd``); None when unpriced, never 0."""
+    cost = (cell.metrics or {}).get("cost")
+    usd = cost.get("usd") if isinstance(cost, dict) else None
+    return float(usd) if isinstance(usd, int | float) else None
 
 
 def _grid(suite: SuiteSession) -> tuple[list[str], list[str], dict[tuple[str, str], CellRun]]:
