@@ -239,6 +239,35 @@ class SuiteSession:
             self.store.write_json(self.store.summary_path, summary)
         return summary
 
+    def _history(self) -> list[dict[str, Any]]:
+        """Each complete cell's main metric over the runs of the same cell, when there are any."""
+        from shardeval.hashing import default_run_id
+        from shardeval.history import history
+
+        series = []
+        for cell in self.cells:
+            main, metrics = main_metric(cell.metrics), cell.metrics or {}
+            if cell.status != "complete" or not main or not main.get("metric"):
+                continue
+            # The same cell on other nights: runs of the same identity (deployment runs add a
+            # flow-run suffix to it); a model name alone would mix python-provider models.
+            identity = default_run_id(cell.session.spec)
+            try:
+                found = history(cell.session.store.output, str(metrics.get("name")), main["metric"])
+            except Exception:  # no history to show is not an error
+                continue
+            points = [p.to_dict() for p in found.points if p.run_id.startswith(identity)]
+            if len(points) >= 2:
+                series.append(
+                    {
+                        "eval": cell.cell.eval_label,
+                        "model": cell.cell.model_label,
+                        "metric": main["metric"],
+                        "points": points,
+                    }
+                )
+        return series
+
     def _write_report(self, summary: dict[str, Any]) -> None:
         """The suite's page (evals × models with CIs); a failure is a warning, never fatal."""
         try:
@@ -249,7 +278,7 @@ class SuiteSession:
                 {**cell, "metrics": (cell.get("metrics") or {}).get("metrics") or {}}
                 for cell in summary["cells"]
             ]
-            page = build_suite_report({**summary, "cells": cells})
+            page = build_suite_report({**summary, "cells": cells}, self._history())
             self.store.write_bytes(self.store.report_path, page.encode("utf-8"))
             summary["report"] = self.store.url_of(self.store.report_path)
         except Exception as exc:  # the report is a view; the suite's results stand without it

@@ -217,3 +217,25 @@ def test_complete_is_decided_by_each_cells_stored_metrics(tmp_path: Path) -> Non
         tmp_path / "evals" / "e0" / "spec.yaml", metrics=[{"type": "includes", "target": "answer"}]
     )
     assert len(SuiteSession.prepare(str(path)).start()) == 2
+
+
+def test_the_suite_page_shows_a_cells_history_over_nights(tmp_path: Path) -> None:
+    """An earlier night of the same cell (a deployment run: the cell's id plus a suffix) is
+    drawn in the suite's report.html; the other model's runs are not mixed in."""
+    from shardeval.session import RunSession
+
+    path = write_suite(tmp_path, evals=1, n_items=6)
+    suite = SuiteSession.prepare(str(path))
+    (cell,) = suite.start()
+    earlier = RunSession.prepare(
+        cell.session.spec, output=cell.session.store.output, run_id=f"{cell.run_id}-0badcafe"
+    )
+    run_without_prefect(earlier)  # last night's run of the same cell
+    suite.cell_started(cell)
+    suite.cell_finished(cell, run_without_prefect(cell.session))
+    series = suite._history()
+    assert [(s["eval"], len(s["points"])) for s in series] == [(cell.cell.eval_label, 2)]
+    assert {p["run_id"] for p in series[0]["points"]} == {cell.run_id, earlier.run_id}
+    suite.finish()
+    page = Path(suite.store.report_path).read_text()
+    assert f"{cell.cell.eval_label} · {cell.cell.model_label}" in page
