@@ -121,11 +121,11 @@ class RunStatus:
             "ok": self.ok,
             "error": self.error,
             "errors_by_kind": self.errors_by_kind,
+            "cost_usd": self.cost_usd,
+            "projected_cost_usd": self.projected_cost_usd,
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
-                "cost_usd": self.cost_usd,
-                "projected_cost_usd": self.projected_cost_usd,
             },
             "batches": {
                 "total": self.batches_total,

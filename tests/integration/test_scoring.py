@@ -40,7 +40,10 @@ RUBRIC = (
 
 @pytest.fixture
 def judge_server() -> Iterator[TestServer]:
-    server = TestServer.start_in_thread(ServerConfig(mode="echo", latency_min=0.01))
+    # It serves (and lists, for the preflight) the judge model the specs name.
+    server = TestServer.start_in_thread(
+        ServerConfig(mode="echo", latency_min=0.01, model="judge-model")
+    )
     yield server
     server.stop()
 

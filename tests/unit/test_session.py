@@ -185,7 +185,7 @@ def test_status_says_what_the_stored_rows_cost_and_projects_the_rest(tmp_path: P
     # 5 rows × (10 × $1000 + 2 × $5000) per million tokens = 5 × $0.02
     assert status.done == 5 and status.cost_usd == pytest.approx(0.1)
     assert status.projected_cost_usd == pytest.approx(0.2)
-    assert status.to_dict()["usage"]["projected_cost_usd"] == pytest.approx(0.2)
+    assert status.to_dict()["projected_cost_usd"] == pytest.approx(0.2)
 
 
 def test_max_cost_stops_the_run_and_a_higher_limit_continues(tmp_path: Path) -> None:
