@@ -179,12 +179,16 @@ def test_server_stopped_mid_run(tmp_path: Path, prefect_api: str) -> None:
 
 
 def _last_flow_run_message(api_url: str) -> str:
-    """The state message of the newest flow run on the session's Prefect server."""
+    """The state message of the newest failed flow run on the session's Prefect server.
+
+    (Deployments with schedules on the same server create Scheduled runs meanwhile.)
+    """
     script = (
         "from prefect.client.orchestration import get_client\n"
         "from prefect.client.schemas.sorting import FlowRunSort\n"
         "with get_client(sync_client=True) as c:\n"
-        "    run = c.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]\n"
+        "    runs = c.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=100)\n"
+        "    run = next(r for r in runs if r.state is not None and r.state.is_failed())\n"
         "    print(run.state.message)\n"
     )
     result = subprocess.run(
