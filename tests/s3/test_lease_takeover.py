@@ -110,6 +110,10 @@ def test_lost_lease_stops_the_old_holder_and_names_the_new_one(
         stats = server.stats()
         assert len(stats["prompt_completions"]) == N_ITEMS
         again = answered_twice(server)
-        assert again <= CONCURRENCY + FLUSH_WINDOW, (
+        # What the frozen holder had answered but not yet stored when it froze: requests in
+        # flight, the window filling, and on an object store the window whose background
+        # upload had started but not landed (the new holder cannot see it): 19 alone, 35 once
+        # under a loaded CI run.
+        assert again <= CONCURRENCY + 2 * FLUSH_WINDOW, (
             f"{again} paid twice: the old holder kept sending"
         )
