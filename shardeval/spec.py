@@ -17,7 +17,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from shardeval.errors import SpecError
+from shardeval.errors import ShardevalError, SpecError
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 
@@ -204,15 +204,23 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> EvalSpec:
         raise SpecError(f"spec file not found: {origin}") from exc
     except OSError as exc:
         raise SpecError(f"cannot read spec file {origin}: {exc}") from exc
+    data = yaml_mapping(text, origin, what="the spec", error=SpecError)
+    return _validate(data, text=text, origin=origin, source=origin)
+
+
+def yaml_mapping(
+    text: str, origin: str, *, what: str, error: type[ShardevalError] = SpecError
+) -> dict[str, Any]:
+    """Parse YAML that must be a mapping (a spec, a suite); errors say ``file:line``."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}" if mark is not None else origin
-        raise SpecError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        raise error(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(data, dict):
-        raise SpecError(f"{origin}: the spec must be a YAML mapping, got {type(data).__name__}")
-    return _validate(data, text=text, origin=origin, source=origin)
+        raise error(f"{origin}: {what} must be a YAML mapping, got {type(data).__name__}")
+    return data
 
 
 def _validate(

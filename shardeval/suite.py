@@ -33,6 +33,7 @@ from shardeval.spec import (
     line_of,
     load_spec,
     resolve_relative,
+    yaml_mapping,
 )
 
 
@@ -128,12 +129,7 @@ def load_suite(source: str | Path | Mapping[str, Any]) -> LoadedSuite:
     else:
         origin = path = str(source)
         text = read_text(origin)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{origin}:{mark.line + 1}" if mark is not None else origin
-            raise SuiteError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        data = yaml_mapping(text, origin, what="a suite", error=SuiteError)
     if not isinstance(data, dict):
         raise SuiteError(f"{origin}: a suite must be a YAML mapping, got {type(data).__name__}")
     try:
