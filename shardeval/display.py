@@ -32,24 +32,30 @@ err_console = Console(stderr=True)
 out_console = Console(soft_wrap=True)
 
 
-@contextmanager
-def live_progress(progress: RunProgress, *, enabled: bool = True) -> Iterator[None]:
-    """Show the run's counters until the block ends (polled; batches never block on it)."""
-    if not enabled:
-        yield
-        return
-    bar = Progress(
+def progress_bar(*, eta: bool, refresh_per_second: int) -> Progress:
+    """The bar runs and suites share: spinner, phase, bar, n/m, detail, elapsed (and ETA)."""
+    columns: list[Any] = [
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-        refresh_per_second=8,
+    ]
+    if eta:
+        columns.append(TimeRemainingColumn())
+    return Progress(
+        *columns, console=err_console, transient=False, refresh_per_second=refresh_per_second
     )
+
+
+@contextmanager
+def live_progress(progress: RunProgress, *, enabled: bool = True) -> Iterator[None]:
+    """Show the run's counters until the block ends (polled; batches never block on it)."""
+    if not enabled:
+        yield
+        return
+    bar = progress_bar(eta=True, refresh_per_second=8)
     task = bar.add_task(progress.phase, total=None, detail="")
     stop = threading.Event()
 

@@ -15,16 +15,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
-
-from shardeval.display import err_console, out_console, spinner
+from shardeval.display import err_console, out_console, progress_bar, spinner
 from shardeval.errors import ShardevalError, SpecError
 from shardeval.suite_report import suite_table
 from shardeval.suite_session import SuiteSession
@@ -119,16 +110,7 @@ def suite_progress(suite: SuiteSession, *, enabled: bool = True) -> Iterator[Non
     if not enabled:
         yield
         return
-    bar = Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        refresh_per_second=4,
-    )
+    bar = progress_bar(eta=False, refresh_per_second=4)
     task = bar.add_task(f"suite {suite.name}", total=None, detail="")
     stop = threading.Event()
 
