@@ -79,6 +79,12 @@ def limit_of(model: ModelSpec) -> int | None:
     return None if found is None else found[0]
 
 
+def semaphore(endpoint: EndpointKey) -> aiologic.BoundedSemaphore | None:
+    """The limit installed for ``endpoint`` (None: no suite shares it, nothing to take)."""
+    found = _limits.get(endpoint)
+    return None if found is None else found[1]
+
+
 @contextlib.asynccontextmanager
 async def slot(model: ModelSpec) -> AsyncIterator[None]:
     """Hold a slot of the model's endpoint limit for one request (no limit: at once)."""

@@ -32,14 +32,12 @@ import atexit
 import concurrent.futures
 import contextlib
 import functools
-import heapq
-import itertools
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from tenacity import (
     AsyncRetrying,
@@ -50,6 +48,7 @@ from tenacity import (
 )
 
 from shardeval import budget, endpoint_limits, interrupt
+from shardeval.breaker import Breaker
 from shardeval.errors import (
     ConnectionFailedError,
     EndpointError,
@@ -59,41 +58,14 @@ from shardeval.errors import (
     ShardevalError,
     TransientProviderError,
 )
+from shardeval.outcome import Outcome
 from shardeval.prefect_limit import PrefectLimit, loop_runner, prefect_limit_mode
 from shardeval.providers.base import Provider, ProviderRequest, create_provider
+from shardeval.slots import PrioritySlots
 from shardeval.spec import ModelSpec
 
-OutcomeStatus = Literal["ok", "error", "transient", "cancelled"]
 MAX_BACKOFF_S = 60.0
-BREAKER_FAILURES = 3
-"""Connection failures in a row (with ``model.unreachable_after_s`` since the last answer)
-that open the breaker; the time condition is the one that matters in practice."""
 AUTH_STATUSES = frozenset({401, 403})
-PROBE_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
-"""Between attempts while the endpoint is suspect (see :class:`Breaker`)."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one request. Only ``ok`` and ``error`` are stored as final."""
-
-    key: str
-    status: OutcomeStatus
-    response: str | None = None
-    error: str | None = None
-    error_kind: str | None = None
-    http_status: int | None = None
-    latency_s: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-    attempts: int = 0
-    finished_at: float = 0.0
-
-    @property
-    def is_final(self) -> bool:
-        """Whether the outcome may be stored (transient and cancelled ones are retried later)."""
-        return self.status in ("ok", "error")
 
 
 def _error_kind(exc: ProviderError) -> str:
@@ -102,101 +74,61 @@ def _error_kind(exc: ProviderError) -> str:
     return "transient" if isinstance(exc, TransientProviderError) else "error"
 
 
-class Breaker:
-    """Decides when the endpoint is gone: connection failures in a row, for long enough.
+class _Tries:
+    """How many times one request was sent (its attempts, over retries)."""
 
-    After ``failures`` connection failures in a row the endpoint is *suspect*: requests go
-    out one at a time, at growing intervals (``PROBE_DELAYS_S``), instead of every queued
-    request trying (and instantly failing) on its own; so a dead endpoint sees about one
-    attempt per slot, then a handful of probes. A failure once ``quiet_s`` have passed since
-    the last answer opens the breaker (the run stops). Any answer (even a 500 or a 429)
-    clears it: the endpoint is there, only failing, and the ordinary retries handle that.
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+
+def _first_retry_delay(exc: TransientProviderError) -> float:
+    """The wait after a first failure: ``Retry-After`` if given, else 0.5 s plus up to 1 s.
+
+    tenacity's ``wait_exponential_jitter(initial=0.5)`` at attempt 1, which the retry loop
+    (entered only after that failure) cannot compute for itself.
     """
-
-    def __init__(self, quiet_s: float, failures: int = BREAKER_FAILURES) -> None:
-        self.quiet_s = quiet_s
-        self.failures = failures
-        self.in_a_row = 0
-        self.last_answer: float | None = None
-        """When the endpoint last answered (None: not yet; the clock then starts at the first
-        failure, not when the engine was built)."""
-        self.next_probe = 0.0
-        self._probes = 0
-
-    @property
-    def suspect(self) -> bool:
-        """Whether requests should go one at a time (recent attempts all failed to connect)."""
-        return self.in_a_row >= self.failures
-
-    def answered(self) -> None:
-        """The endpoint answered (whatever the status)."""
-        self.in_a_row = 0
-        self._probes = 0
-        self.last_answer = time.monotonic()
-
-    def connection_failed(self) -> bool:
-        """Count one failure to connect; return whether the breaker is now open."""
-        if self.last_answer is None:
-            self.last_answer = time.monotonic()
-        self.in_a_row += 1
-        if self.suspect:
-            delay = PROBE_DELAYS_S[min(self._probes, len(PROBE_DELAYS_S) - 1)]
-            self.next_probe = time.monotonic() + delay
-            self._probes += 1
-        return self.suspect and self.silent_for() >= self.quiet_s
-
-    def silent_for(self) -> float:
-        """Seconds since the endpoint last answered (or first failed to, if it never did)."""
-        return 0.0 if self.last_answer is None else time.monotonic() - self.last_answer
+    if exc.retry_after is not None:
+        return min(MAX_BACKOFF_S, max(float(exc.retry_after), 0.0))
+    return 0.5 + random.uniform(0, 1)
 
 
-class _Slots:
-    """A semaphore whose waiters get a free slot lowest priority first (FIFO among equals).
+def _honouring_retry_after(
+    base: Callable[[RetryCallState], float],
+) -> Callable[[RetryCallState], float]:
+    """Wait ``base`` between attempts, or the server's ``Retry-After`` when it gave one."""
 
-    Batches are handed the slots in order (priority = batch number, position), so a batch's
-    requests go out together instead of every running batch getting a trickle. Batches then
-    finish (and commit) in turn, and fewer of them hold unflushed results at any moment.
-    """
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return min(MAX_BACKOFF_S, max(float(retry_after), 0.0))
+        return float(base(state))
 
-    def __init__(self, slots: int) -> None:
-        self._free = slots
-        self._waiters: list[tuple[tuple[int, int], int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
-
-    async def acquire(self, priority: tuple[int, int]) -> None:
-        while self._waiters and self._waiters[0][2].done():
-            heapq.heappop(self._waiters)  # cancelled waiters
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (priority, next(self._order), future))
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release()  # the slot was handed over as we were cancelled: pass it on
-            raise
-
-    def release(self) -> None:
-        while self._waiters:
-            _, _, future = heapq.heappop(self._waiters)
-            if not future.done():
-                future.set_result(None)
-                return
-        self._free += 1
+    return wait
 
 
-def _deliver(key: str, on_done: Callable[[Outcome], None], future: asyncio.Future[Outcome]) -> None:
-    """Hand a request's outcome to its batch (a stop that abandoned it: ``cancelled``)."""
-    if future.cancelled():
-        outcome = Outcome(key=key, status="cancelled", error="stopped by a signal")
-    elif future.exception() is not None:  # pragma: no cover - _run returns every failure
-        error = future.exception()
-        outcome = Outcome(key=key, status="transient", error=f"{type(error).__name__}: {error}")
-    else:
-        outcome = future.result()
-    on_done(outcome)
+class _Answer:
+    """One distinct request of the run: the rows waiting for it, and its kept outcome."""
+
+    __slots__ = ("keep", "on_done", "outcome")
+
+    def __init__(self, on_done: Callable[[Outcome], None], keep: bool) -> None:
+        self.on_done = [on_done]
+        self.keep = keep
+        """Whether to keep the final outcome for rows that ask later (other batches)."""
+        self.outcome: Outcome | None = None
+
+
+def _outcome_of(key: str, task: asyncio.Future[Outcome]) -> Outcome:
+    """A finished request's outcome (a stop that abandoned it: ``cancelled``)."""
+    if task.cancelled():
+        return Outcome(key=key, status="cancelled", error="stopped by a signal")
+    error = task.exception()
+    if error is not None:  # pragma: no cover - _run returns every failure
+        return Outcome(key=key, status="transient", error=f"{type(error).__name__}: {error}")
+    return task.result()
 
 
 class Engine:
@@ -211,6 +143,7 @@ class Engine:
         self.stop_error: ShardevalError | None = None
         """Why this run stopped sending (set once by :meth:`stop_run`); None while running."""
         self._breaker = Breaker(model.unreachable_after_s)
+        self._endpoint = endpoint_limits.endpoint_key(model)
         self._limit_mode = prefect_limit_mode(model)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -220,15 +153,15 @@ class Engine:
         )
         self._thread.start()
         self._inflight: set[asyncio.Task[Outcome]] = set()
-        self._answers: dict[str, asyncio.Future[Outcome]] = {}
-        """Item key → its request (in flight, or answered for a key other batches hold too)."""
+        self._answers: dict[str, _Answer] = {}
+        """Item key → its request (queued, in flight, or answered for a key other batches
+        hold too)."""
         self._closed = False
         self._paused_until = 0.0
         self._provider: Provider = self._call(self._setup()).result()
-        self.requests_sent = 0
 
     async def _setup(self) -> Provider:
-        self._slots = _Slots(self.model.concurrency)
+        self._slots = PrioritySlots(self.model.concurrency)
         self._stopped = asyncio.Event()
         self._probe = asyncio.Lock()
         self._prefect_limit = (
@@ -242,19 +175,11 @@ class Engine:
     def _call(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def submit(
-        self, request: ProviderRequest, priority: tuple[int, int] = (0, 0)
-    ) -> concurrent.futures.Future[Outcome]:
-        """Queue one request; the future resolves to its :class:`Outcome` (never raises).
-
-        Waiting requests get a free slot lowest ``priority`` first (the runner passes the
-        batch number and the position in the batch).
-        """
-        if self._closed:
-            future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
-            future.set_result(Outcome(key=request.key, status="cancelled", error="engine closed"))
-            return future
-        return self._call(self._track(request, priority))
+    def submit(self, request: ProviderRequest) -> concurrent.futures.Future[Outcome]:
+        """Queue one request; the future resolves to its :class:`Outcome` (never raises)."""
+        future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
+        self.submit_batch([request], 0, future.set_result)
+        return future
 
     @property
     def closed(self) -> bool:
@@ -295,125 +220,146 @@ class Engine:
         on_done: Callable[[Outcome], None],
         shared: AbstractSet[str],
     ) -> None:
+        """Queue each request for a slot (lowest batch and position first), once per key."""
         for position, request in enumerate(requests):
-            future = self._answers.get(request.key)
-            if future is None:
-                # One task per request (what :meth:`_track` does with two): tracked in
-                # ``_inflight`` so that a stop's grace period can abandon it.
-                task = asyncio.ensure_future(self._run(request, (batch, position)))
-                self._inflight.add(task)
-                self._answers[request.key] = task
-                task.add_done_callback(
-                    functools.partial(self._settle, request.key, request.key in shared, on_done)
+            key = request.key
+            answer = self._answers.get(key)
+            if answer is None:
+                answer = self._answers[key] = _Answer(on_done, key in shared)
+                priority = (batch, position)
+                self._slots.start_when_free(
+                    priority, functools.partial(self._start, request, priority, answer)
                 )
-            else:  # the same request, asked by another row: that answer serves both
-                future.add_done_callback(functools.partial(_deliver, request.key, on_done))
+            elif answer.outcome is not None:  # answered for another row: serves this one too
+                on_done(answer.outcome)
+            else:  # the same request, in flight or queued for another row: wait for it
+                answer.on_done.append(on_done)
+                answer.keep = answer.keep or key in shared
 
-    def _settle(
-        self,
-        key: str,
-        keep: bool,
-        on_done: Callable[[Outcome], None],
-        task: asyncio.Future[Outcome],
-    ) -> None:
-        """A request ended: deliver it; forget it unless its answer serves other rows later."""
-        self._inflight.discard(task)
-        final = not task.cancelled() and task.exception() is None and task.result().is_final
-        if not (keep and final) and self._answers.get(key) is task:
-            del self._answers[key]
-        _deliver(key, on_done, task)
+    def _start(self, request: ProviderRequest, priority: tuple[int, int], answer: _Answer) -> None:
+        """Start a request that now holds a slot: a task, tracked so a stop can abandon it.
 
-    async def _track(self, request: ProviderRequest, priority: tuple[int, int]) -> Outcome:
-        task = asyncio.ensure_future(self._run(request, priority))
+        No task exists for a request until it gets its slot, so a batch of thousands queued
+        behind ``concurrency`` costs a heap entry each instead of a task and a future.
+        """
+        if self._closed:  # the slot dies with the engine (releasing it would start the next)
+            self._settle(request.key, answer, None)
+            return
+        task = self._loop.create_task(self._run(request, priority, holding=True))
         self._inflight.add(task)
-        try:
-            return await task
-        except asyncio.CancelledError:
-            return Outcome(key=request.key, status="cancelled", error="stopped by a signal")
-        finally:
+        task.add_done_callback(functools.partial(self._settle, request.key, answer))
+
+    def _settle(self, key: str, answer: _Answer, task: asyncio.Future[Outcome] | None) -> None:
+        """A request ended: deliver it to every row that asked; keep it if others will ask."""
+        if task is None:
+            outcome = Outcome(key=key, status="cancelled", error="engine closed")
+        else:
             self._inflight.discard(task)
+            outcome = _outcome_of(key, task)
+        if answer.keep and outcome.is_final:
+            answer.outcome = outcome
+        elif self._answers.get(key) is answer:
+            del self._answers[key]
+        waiting, answer.on_done = answer.on_done, []
+        for on_done in waiting:
+            on_done(outcome)
 
-    async def _run(self, request: ProviderRequest, priority: tuple[int, int]) -> Outcome:
-        attempts = 0
-        started = 0.0
+    async def _run(
+        self, request: ProviderRequest, priority: tuple[int, int], *, holding: bool = False
+    ) -> Outcome:
+        """One request to its final outcome: a first attempt, then retries if it failed.
 
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            retry_after = getattr(exc, "retry_after", None)
-            base = wait_exponential_jitter(initial=0.5, max=30.0)(state)
-            if retry_after is not None:
-                return min(MAX_BACKOFF_S, max(float(retry_after), 0.0))
-            return float(base)
-
+        The first attempt is a plain call: tenacity's retry object and its iteration cost
+        about a tenth of the engine thread's CPU per request at a thousand answers a second,
+        and almost every request succeeds the first time. Only a request whose first attempt
+        failed transiently enters tenacity's loop, which then waits and retries as before.
+        """
+        tries = _Tries()
+        try:
+            return await self._attempt(request, priority, tries, holding=holding)
+        except TransientProviderError as exc:
+            failure = exc
+        if self.model.max_retries < 1 or self.stop_error is not None:
+            return self._transient(request, failure, tries)
+        await self._backoff(_first_retry_delay(failure))
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientProviderError),
-            stop=stop_after_attempt(self.model.max_retries + 1),
-            wait=wait,
+            stop=stop_after_attempt(self.model.max_retries),
+            # attempt n of this loop is the run's attempt n + 1: initial 1.0 = 0.5 · 2
+            wait=_honouring_retry_after(wait_exponential_jitter(initial=1.0, max=30.0)),
             sleep=self._backoff,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    if self.stopping():
-                        return Outcome(key=request.key, status="cancelled", attempts=attempts)
-                    if self.stop_error is not None:
-                        return self._not_sent(request, attempts)
-                    await self._respect_pause()
-                    await self._slots.acquire(priority)
-                    try:
-                        await self._wait_for_lease()
-                        if self.stopping():
-                            return Outcome(key=request.key, status="cancelled", attempts=attempts)
-                        if self.stop_error is not None:
-                            return self._not_sent(request, attempts)
-                        # + the endpoint's limit shared with other runs (suite cells)
-                        async with (
-                            self._gate(),
-                            self._global_slot(),
-                            endpoint_limits.slot(self.model),
-                        ):
-                            if self.stop_error is not None:
-                                return self._not_sent(request, attempts)
-                            attempts += 1
-                            self.requests_sent += 1
-                            started = time.perf_counter()
-                            try:
-                                completion = await self._provider.complete(request)
-                            except ConnectionFailedError as exc:
-                                if self._breaker.connection_failed():
-                                    self.stop_run(self._unreachable(exc))
-                                raise
-                            except TransientProviderError as exc:
-                                self._breaker.answered()
-                                if exc.status == 429 and exc.retry_after:
-                                    self._paused_until = max(
-                                        self._paused_until, time.monotonic() + exc.retry_after
-                                    )
-                                raise
-                            except PermanentProviderError as exc:
-                                self._breaker.answered()
-                                if exc.status in AUTH_STATUSES:
-                                    # A configuration error, not this item's: never a row.
-                                    self.stop_run(self._auth_error(exc))
-                                    return self._not_sent(request, attempts, exc)
-                                raise
-                            self._breaker.answered()
-                    finally:
-                        self._slots.release()
+                    return await self._attempt(request, priority, tries)
         except TransientProviderError as exc:
+            return self._transient(request, exc, tries)
+        raise AssertionError("unreachable: tenacity returns or reraises")  # pragma: no cover
+
+    async def _attempt(
+        self,
+        request: ProviderRequest,
+        priority: tuple[int, int],
+        tries: _Tries,
+        *,
+        holding: bool = False,
+    ) -> Outcome:
+        """One attempt, in a slot (taken here unless ``holding`` one already).
+
+        Raises only :class:`TransientProviderError` (for the retry loop); every other end is
+        an outcome.
+        """
+        stop = interrupt.stop_for(self.run_id)
+        if not holding:
+            if stop.requested:
+                return Outcome(key=request.key, status="cancelled", attempts=tries.sent)
             if self.stop_error is not None:
-                return self._not_sent(request, attempts, exc)
-            return Outcome(
-                key=request.key,
-                status="transient",
-                error=exc.message,
-                error_kind=_error_kind(exc),
-                http_status=exc.status,
-                attempts=attempts,
-                finished_at=time.time(),
-            )
+                return self._not_sent(request, tries.sent)
+            await self._slots.acquire(priority)
+        try:
+            if self._paused_until:
+                await self._respect_pause()
+            if not stop.lease_current():
+                await self._wait_for_lease(stop)
+            if stop.requested:
+                return Outcome(key=request.key, status="cancelled", attempts=tries.sent)
+            if self.stop_error is not None:
+                return self._not_sent(request, tries.sent)
+            shared_limit = endpoint_limits.semaphore(self._endpoint)
+            if not self._breaker.suspect and self._prefect_limit is None and shared_limit is None:
+                return await self._send(request, tries)
+            # + one at a time while the endpoint is suspect, the Prefect limit across
+            # processes, the endpoint's limit shared with other runs (suite cells)
+            async with self._gate(), self._global_slot(), endpoint_limits.slot(self.model):
+                if self.stop_error is not None:
+                    return self._not_sent(request, tries.sent)
+                return await self._send(request, tries)
+        finally:
+            self._slots.release()
+
+    async def _send(self, request: ProviderRequest, tries: _Tries) -> Outcome:
+        """Make the call and classify what came back (the breaker and a 429's pause learn)."""
+        tries.sent += 1
+        started = time.perf_counter()
+        try:
+            completion = await self._provider.complete(request)
+        except ConnectionFailedError as exc:
+            if self._breaker.connection_failed():
+                self.stop_run(self._unreachable(exc))
+            raise
+        except TransientProviderError as exc:
+            self._breaker.answered()
+            if exc.status == 429 and exc.retry_after:
+                self._paused_until = max(self._paused_until, time.monotonic() + exc.retry_after)
+            raise
         except PermanentProviderError as exc:
+            self._breaker.answered()
+            if exc.status in AUTH_STATUSES:
+                # A configuration error, not this item's: never a row.
+                self.stop_run(self._auth_error(exc))
+                return self._not_sent(request, tries.sent, exc)
             return Outcome(
                 key=request.key,
                 status="error",
@@ -421,9 +367,10 @@ class Engine:
                 error_kind=_error_kind(exc),
                 http_status=exc.status,
                 latency_s=time.perf_counter() - started,
-                attempts=attempts,
+                attempts=tries.sent,
                 finished_at=time.time(),
             )
+        self._breaker.answered()
         budget.charge(
             self.run_id, self.model, completion.prompt_tokens, completion.completion_tokens
         )
@@ -435,7 +382,23 @@ class Engine:
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             finish_reason=completion.finish_reason,
-            attempts=attempts,
+            attempts=tries.sent,
+            finished_at=time.time(),
+        )
+
+    def _transient(
+        self, request: ProviderRequest, exc: TransientProviderError, tries: _Tries
+    ) -> Outcome:
+        """Out of attempts (or stopped) on a passing failure: never stored, the rerun sends it."""
+        if self.stop_error is not None:
+            return self._not_sent(request, tries.sent, exc)
+        return Outcome(
+            key=request.key,
+            status="transient",
+            error=exc.message,
+            error_kind=_error_kind(exc),
+            http_status=exc.status,
+            attempts=tries.sent,
             finished_at=time.time(),
         )
 
@@ -531,6 +494,7 @@ class Engine:
             limit.release(lease)
 
     async def _respect_pause(self) -> None:
+        """Wait out a 429's ``Retry-After`` (it pauses every new attempt of the run)."""
         delay = self._paused_until - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -543,13 +507,12 @@ class Engine:
         """
         return interrupt.stop_for(self.run_id).requested
 
-    async def _wait_for_lease(self) -> None:
+    async def _wait_for_lease(self, stop: interrupt.RunStop) -> None:
         """Hold a request while the run's lease may have been taken over (see locking.py).
 
         The heartbeat either renews the lease (the request goes) or finds it lost and stops
         the run (the request is cancelled): either way nothing is paid twice.
         """
-        stop = interrupt.stop_for(self.run_id)
         while not stop.lease_current() and not stop.requested:
             await asyncio.sleep(0.05)
 
@@ -578,6 +541,8 @@ class Engine:
             # Requests still queued or in flight end as "cancelled", so that no batch waits
             # forever on a future of a stopped loop (the flow closes the engine in a
             # ``finally``, also when an exception tears it down while batches still run).
+            for start in self._slots.drain():
+                start()  # closed: each queued request ends as cancelled
             current = asyncio.current_task()
             pending = [t for t in asyncio.all_tasks() if t is not current]
             for task in pending:

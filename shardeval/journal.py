@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from shardeval.engine import Outcome
+from shardeval.outcome import Outcome
 from shardeval.results import GENERATION_FIELDS, GENERATION_SCHEMA
 from shardeval.storage import RunStore
 

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from shardeval import interrupt
-from shardeval.engine import Outcome
 from shardeval.errors import ShardevalError
 from shardeval.objectstore import describe_error
+from shardeval.outcome import Outcome
 from shardeval.results import outcomes_table
 from shardeval.storage import RunStore
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardeval.engine import Outcome
+from shardeval.outcome import Outcome
 
 GENERATION_FIELDS: list[pa.Field] = [
     pa.field("item_key", pa.string(), nullable=False),

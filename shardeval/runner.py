@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +32,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardeval import interrupt
-from shardeval.engine import Engine, Outcome
+from shardeval.engine import Engine
 from shardeval.errors import (
     RunInterrupted,
     TransientProviderError,
 )
 from shardeval.finality import drop_auth_rows, has_auth_rows
 from shardeval.journal import Journal, batch_journals, is_journal, open_journal, read_journal
+from shardeval.outcome import Outcome
 from shardeval.part_writer import PartFlusher, request_meta
 from shardeval.planning import PlannedRequest
 from shardeval.progress import RunProgress, progress_for
@@ -48,6 +49,9 @@ from shardeval.spec import ModelSpec
 from shardeval.storage import RunStore
 
 logger = logging.getLogger("shardeval.runner")
+ARRIVALS_POLL_S = 0.1
+"""How often a batch's thread takes the answers that have arrived (progress, object-store
+parts); the last answer of the batch wakes it at once."""
 
 
 @dataclass(frozen=True)
@@ -306,10 +310,9 @@ def _send(
     """Send every pending request; return (final outcomes, transient failures).
 
     On local disk a final outcome is journaled by the engine's thread the moment it arrives
-    (:class:`_Journaling`), before this thread even wakes up; else it goes to the part flusher.
+    (:class:`_Arrivals`), before this thread even wakes up; else it goes to the part flusher.
     """
-    done: queue.SimpleQueue[tuple[Outcome, bool]] = queue.SimpleQueue()
-    journaling = _Journaling(journal, flusher.ids, flusher.trials, done, work.label)
+    arrivals = _Arrivals(journal, flusher.ids, flusher.trials, len(pending), work.label)
     engine.submit_batch(
         [
             ProviderRequest(
@@ -318,39 +321,39 @@ def _send(
             for r in pending
         ],
         work.number,
-        journaling.on_done,
+        arrivals.on_done,
         shared=work.shared,
     )
     final: list[Outcome] = []
     transient: list[Outcome] = []
-    waiting = len(pending)
-    while waiting:
-        try:
-            outcome, journaled = done.get(timeout=work.flush_every_s / 2)
-        except queue.Empty:
-            if flusher.due():
-                flusher.flush_soon()
-            continue
-        waiting -= 1
-        progress.finished(outcome.status, outcome.error_kind, work.key)
-        if outcome.is_final:
-            final.append(outcome)
-            if not journaled:
-                flusher.add(outcome)
-        elif outcome.status == "transient":
-            transient.append(outcome)
+    taken = 0
+    while taken < len(pending):
+        arrivals.all_in.wait(timeout=ARRIVALS_POLL_S)
+        arrived = len(arrivals.outcomes)
+        for outcome, journaled in arrivals.outcomes[taken:arrived]:
+            progress.finished(outcome.status, outcome.error_kind, work.key)
+            if outcome.is_final:
+                final.append(outcome)
+                if not journaled:
+                    flusher.add(outcome)
+            elif outcome.status == "transient":
+                transient.append(outcome)
+        taken = arrived
         if flusher.due():
             flusher.flush_soon()
     return final, transient
 
 
-class _Journaling:
-    """Journals final outcomes on the engine's thread, then hands them to the batch's thread.
+class _Arrivals:
+    """Outcomes as they arrive: journaled on the engine's thread, read by the batch's thread.
 
     Writing on the thread that receives the answer closes the gap in which a kill would lose
     an answer already received (a wake-up of the batch's thread takes milliseconds on a busy
-    machine). A write that fails (a full disk) turns the journal off for the batch: its
-    outcomes then go to the part flusher, whose failure handling stops the run.
+    machine). The batch's thread is not woken per answer (at thousands of answers a second
+    the wake-ups cost more than the answers): it reads what has arrived every
+    ``ARRIVALS_POLL_S``, and the last answer wakes it at once. A journal write that fails (a
+    full disk) turns the journal off for the batch: its outcomes then go to the part flusher,
+    whose failure handling stops the run.
     """
 
     def __init__(
@@ -358,13 +361,16 @@ class _Journaling:
         journal: Journal | None,
         ids: dict[str, str],
         trials: dict[str, int],
-        done: queue.SimpleQueue[tuple[Outcome, bool]],
+        expected: int,
         label: str,
     ) -> None:
         self.journal = journal
         self.ids, self.trials = ids, trials
-        self.done = done
+        self.expected = expected
         self.label = label
+        self.outcomes: list[tuple[Outcome, bool]] = []
+        """Appended by the engine's thread only (whether each was journaled)."""
+        self.all_in = threading.Event()
 
     def on_done(self, outcome: Outcome) -> None:
         journal = self.journal
@@ -376,4 +382,6 @@ class _Journaling:
             except OSError as exc:
                 logger.warning("%s: cannot append to %s: %s", self.label, journal.path, exc)
                 self.journal = None
-        self.done.put((outcome, journaled))
+        self.outcomes.append((outcome, journaled))
+        if len(self.outcomes) >= self.expected:
+            self.all_in.set()

@@ -139,7 +139,7 @@ def test_status_of_a_run_that_does_not_exist(tmp_path: Path) -> None:
 
 def test_status_counts_parts_and_ignores_what_it_cannot_read(tmp_path: Path) -> None:
     """Library level, no process: parts and committed batches, a damaged file, no plan yet."""
-    from shardeval.engine import Outcome
+    from shardeval.outcome import Outcome
     from shardeval.results import outcomes_table
     from shardeval.storage import RunStore
 

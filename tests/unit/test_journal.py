@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from shardeval.engine import Outcome
 from shardeval.journal import Journal, batch_journals, list_journals, read_journal
+from shardeval.outcome import Outcome
 from shardeval.session import RunSession
 from shardeval.storage import RunStore
 from shardeval.testing.server import TestServer, prompt_key
