@@ -29,7 +29,7 @@ class PromptRenderer:
         env = jinja2.sandbox.SandboxedEnvironment(
             undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False
         )
-        self._templates: list[tuple[str, jinja2.Template]] = []
+        self._templates: list[tuple[str, jinja2.Template | str]] = []
         for role, source, field in (
             ("system", prompt.system, "prompt.system"),
             ("user", prompt.user, "prompt.user"),
@@ -37,11 +37,18 @@ class PromptRenderer:
             if source is None:
                 continue
             try:
-                self._templates.append((role, env.from_string(source)))
+                template = env.from_string(source)
             except jinja2.TemplateSyntaxError as exc:
                 raise SpecError(
                     f"{field}: template syntax error on line {exc.lineno}: {exc.message}"
                 ) from None
+            # A template without Jinja syntax (a fixed system prompt) renders to the same
+            # text for every item: render it once.
+            static = not any(mark in source for mark in ("{{", "{%", "{#"))
+            self._templates.append((role, template.render() if static else template))
+        self._globals = dict(env.globals)
+        """The template globals, merged once: ``Template.render`` rebuilds them from a
+        ``ChainMap`` for every call, a good part of rendering a short prompt."""
 
     def render(self, item: Mapping[str, Any], item_id: str) -> list[Message]:
         """Render the messages for one item.
@@ -51,8 +58,12 @@ class PromptRenderer:
         """
         messages: list[Message] = []
         for role, template in self._templates:
+            if isinstance(template, str):
+                messages.append({"role": role, "content": template})
+                continue
             try:
-                content = template.render(item)
+                context = template.new_context({**self._globals, **item}, shared=True)
+                content = "".join(template.root_render_func(context))
             except jinja2.UndefinedError as exc:
                 match = _UNDEFINED_NAME.search(str(exc))
                 variable = next((g for g in match.groups() if g), str(exc)) if match else str(exc)
