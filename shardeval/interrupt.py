@@ -261,7 +261,7 @@ GRACE_ENV = "SHARDEVAL_GRACE_PERIOD_S"
 _worker_handlers = False
 
 
-def handle_signals_in_dask_worker() -> None:
+def handle_signals_in_dask_worker(worker: Any = None) -> None:
     """In a Dask worker process, make SIGINT/SIGTERM stop its runs gracefully (once per process).
 
     A terminal's Ctrl-C and ``timeout``/``docker stop`` signal the whole process group, and a
@@ -270,16 +270,21 @@ def handle_signals_in_dask_worker() -> None:
     sends its requests. With these handlers a worker stops like the flow's process does:
     no new requests, the grace period, flush, and its batches end interrupted. A second
     signal ends the worker at once. Elsewhere (not in a Dask worker) this does nothing.
+
+    Called when a worker starts (the preload :mod:`shardeval.dask_preload`, which the local
+    cluster's workers get) and again by every batch (a worker of a cluster started by
+    someone else); a worker signalled before either has nothing to lose yet.
     """
     global _worker_handlers
     if _worker_handlers or "distributed" not in sys.modules:
         return
-    try:
-        from distributed import get_worker
+    if worker is None:
+        try:
+            from distributed import get_worker
 
-        worker = get_worker()
-    except (ImportError, ValueError):  # not in a worker
-        return
+            worker = get_worker()
+        except (ImportError, ValueError):  # not in a worker
+            return
     _worker_handlers = True
     try:
         grace = float(os.environ.get(GRACE_ENV, "5"))

@@ -126,6 +126,9 @@ def make_task_runner(kind: str = "threads", address: str | None = None) -> Any:
     import dask
 
     dask.config.set({"distributed.worker.profile.enabled": False})
+    # Signal handlers from the worker's start, not from its first batch: a Ctrl-C to the
+    # group otherwise kills a worker that has not run one yet with a traceback.
+    dask.config.set({"distributed.worker.preload": ["shardeval.dask_preload"]})
     workers = dask_workers()
     return DaskTaskRunner(
         cluster_kwargs={
