@@ -46,11 +46,10 @@ def resume(
     """
     started = time.monotonic()
     from shardeval.catalog import resolve_output
-    from shardeval.cli import _configure_logging
     from shardeval.resume import prepare_resume
-    from shardeval.run_console import evaluate_session
+    from shardeval.run_console import configure_logging, evaluate_session
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     session = prepare_resume(
         run_id,
         resolve_output(output, spec),
