@@ -20,7 +20,6 @@ and the read makes us list ``batches/`` once more.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,9 +156,9 @@ def read_status(
     status.list_calls = 3
     status.quarantined = len(quarantined)
 
-    spec = _json(store.read_bytes(store.spec_path))
+    spec = store.peek_json(store.spec_path)
     plan_keys = _plan_keys(store)
-    metrics = _json(store.read_bytes(store.metrics_path))
+    metrics = store.peek_json(store.metrics_path)
     lock = RunLock(store)
     status.holder = lock.holder()
     if status.holder is not None:
@@ -210,15 +209,6 @@ def _run_price(record: Any) -> Price | None:
     except Exception:
         return None
     return price_for(model)
-
-
-def _json(data: bytes | None) -> Any:
-    if data is None:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
 
 
 def _plan_keys(store: RunStore) -> list[str] | None:
