@@ -3,7 +3,8 @@
 The commands that read runs (``status``, ``runs``, ``resume``, ``rm``...) find the output the
 same way (:func:`shardeval.catalog.resolve_output`): ``--output``, else the ``--spec``'s
 ``output``, else ``./shardeval-runs``. The commands that take a spec (``run``, ``validate``)
-share its argument and the ``--model``/``--set`` overrides.
+share its argument and the ``--model``/``--set`` overrides; those that run an eval (``run``,
+``resume``) share their options, so that they read alike in ``--help``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ SetOpt = Annotated[
         "YAML; repeatable; applied before the run id is derived).",
     ),
 ]
+
+
+# What a command that runs an eval (``run``, ``resume``) takes besides its spec or run id.
+RetryFailedOpt = Annotated[
+    bool, typer.Option("--retry-failed", help="Send again the rows whose status is error.")
+]
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N items.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait for another process holding the run.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")]
 
 
 def spec_source(spec: str) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from shardeval.commands.options import spec_source
+from shardeval.commands.options import VerboseOpt, spec_source
 from shardeval.display import print_summary, spinner
 from shardeval.run_console import configure_logging, route_prefect_logs
 
@@ -33,7 +33,7 @@ def rescore(
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the run's holder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No spinner.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Apply metrics to a run's stored responses: new results and metrics, no model call."""
     started = time.monotonic()

@@ -14,7 +14,18 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from shardeval.commands.options import ModelOpt, OutputOpt, SetOpt, SpecArg, spec_source
+from shardeval.commands.options import (
+    LimitOpt,
+    ModelOpt,
+    OutputOpt,
+    QuietOpt,
+    RetryFailedOpt,
+    SetOpt,
+    SpecArg,
+    VerboseOpt,
+    WaitOpt,
+    spec_source,
+)
 from shardeval.display import err_console, out_console
 from shardeval.errors import SpecError
 from shardeval.overrides import resolve_spec
@@ -36,21 +47,15 @@ def run(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Start a new run; leave the old one untouched.")
     ] = False,
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Send again the rows whose status is error.")
-    ] = False,
-    limit: Annotated[
-        int | None, typer.Option(min=1, help="Evaluate only the first N items.")
-    ] = None,
+    retry_failed: RetryFailedOpt = False,
+    limit: LimitOpt = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Items per batch task.")] = None,
     concurrency: Annotated[
         int | None, typer.Option(min=1, help="Requests in flight at once.")
     ] = None,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="Wait for another process holding the run.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+    wait: WaitOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     task_runner: Annotated[
         str,
         typer.Option(
