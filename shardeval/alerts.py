@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from prefect.automations import AutomationCore
 
-    from shardeval.compare import Comparison
+    from shardeval.comparison import Comparison
 
 REGRESSION_EVENT = "shardeval.regression.detected"
 COMPLETED_EVENT = "shardeval.run.completed"

@@ -19,7 +19,7 @@ from shardeval.storage import RunStore
 if TYPE_CHECKING:
     import pandas as pd
 
-    from shardeval.compare import Comparison
+    from shardeval.comparison import Comparison
     from shardeval.session import RunSession
     from shardeval.spec import EvalSpec
     from shardeval.status import RunStatus

@@ -16,7 +16,7 @@ from shardeval.history import TAG_PREFIX, find_baseline
 from shardeval.storage import RunStore
 
 if TYPE_CHECKING:
-    from shardeval.compare import Comparison
+    from shardeval.comparison import Comparison
 
 COMPARISON_FILE = "comparison.json"
 

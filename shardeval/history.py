@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardeval.catalog import list_run_ids, runs_dir
-from shardeval.compare import UnknownMetric, compare_results
+from shardeval.compare import compare_results
+from shardeval.comparison import UnknownMetric
 from shardeval.run_reader import read_run
 from shardeval.storage import RunStore
 

@@ -33,7 +33,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
-from shardeval.errors import ShardevalError, SpecError
+from shardeval.envvars import env_number
+from shardeval.errors import ShardevalError
 from shardeval.processes import pid_alive
 from shardeval.server_files import (
     ServerFiles,
@@ -109,16 +110,7 @@ def telemetry_off(env: dict[str, str] | None = None) -> None:
 
 def idle_seconds() -> float:
     """``SHARDEVAL_SERVER_IDLE_S``: how long the server may go unused before it stops itself."""
-    raw = os.environ.get("SHARDEVAL_SERVER_IDLE_S", "").strip()
-    if not raw:
-        return DEFAULT_IDLE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if value <= 0:
-        raise SpecError(f"SHARDEVAL_SERVER_IDLE_S={raw!r}: expected a number of seconds above 0")
-    return value
+    return env_number("SHARDEVAL_SERVER_IDLE_S", float, minimum=0.001, default=DEFAULT_IDLE_S)
 
 
 def running_server(files: ServerFiles) -> ServerState | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -29,6 +30,8 @@ from shardeval.envvars import env_number
 from shardeval.errors import RunInterrupted, RunLockedError
 from shardeval.processes import pid_alive
 from shardeval.storage import RunStore
+
+logger = logging.getLogger("shardeval.run")  # the CLI shows this logger's lines without -v
 
 DEFAULT_LEASE_S = 60.0
 LEASE_ENV = "SHARDEVAL_LEASE_S"
@@ -92,6 +95,7 @@ class RunLock:
         # Look first: on a store that ignores conditional writes the create below would
         # silently replace a live holder's lease; looking narrows that to a same-instant race.
         record = self.holder()
+        waiting = False
         while True:
             if record is None:
                 payload = json.dumps(self._record()).encode()
@@ -116,6 +120,15 @@ class RunLock:
                     f"since {record.get('since')}",
                     hint="wait for it to finish, pass --wait to queue behind it, or use "
                     "--run-id/--fresh for a separate run",
+                )
+            if not waiting:  # said once: a --wait that only sits there looks like a hang
+                waiting = True
+                logger.info(
+                    "waiting for run %s: held by host %s, pid %s, since %s",
+                    self.store.run_id,
+                    record.get("host"),
+                    record.get("pid"),
+                    record.get("since"),
                 )
             if interrupt.stop_for(self.store.run_id).wait(poll_s):
                 raise RunInterrupted(

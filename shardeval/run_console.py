@@ -1,6 +1,6 @@
 """What a run does in a terminal: signals, Prefect's log lines, the summary and comparison.
 
-Shared by ``shardeval run``, ``shardeval resume`` and suites (shardeval/suite_cli.py): the
+Shared by ``shardeval run``, ``resume``, ``rescore`` and suites (shardeval/suite_cli.py): the
 first Ctrl-C/SIGTERM stops the run gracefully and a second exits at once; Prefect's own log
 lines go to a file, not the terminal; a prepared session is answered from storage or run.
 """
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.logging import RichHandler
 from rich.markup import escape as _escape
 
 from shardeval import interrupt
@@ -24,6 +25,24 @@ from shardeval.errors import EXIT_INTERRUPTED
 
 if TYPE_CHECKING:
     from shardeval.session import RunSession
+
+
+def configure_logging(verbose: bool) -> None:
+    """Quiet Prefect and send shardeval's own log lines to stderr, before a run starts."""
+    # A user error is printed once, cleanly, by cli.main(); Prefect would add a traceback.
+    from shardeval.launch import quiet_prefect
+
+    quiet_prefect(verbose)
+    # Set, not defaulted: the processes this one starts (Dask workers) inherit it, and their
+    # console is the user's terminal; without --verbose, Prefect's lines go to the log file.
+    if not verbose:
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
+    handler = RichHandler(console=err_console, show_path=False, show_time=False)
+    logger = logging.getLogger("shardeval")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    # What a run found when it started ("resuming run X: ...; dataset changed: ...").
+    logging.getLogger("shardeval.run").setLevel(logging.INFO)
 
 
 def evaluate_session(

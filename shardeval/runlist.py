@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import json
 import re
 import socket
 from collections.abc import Callable, Iterable
@@ -210,7 +209,7 @@ def read_entries(output: str, run_ids: Iterable[str]) -> list[RunEntry]:
         status = decide_status(card)
         if status == "incomplete" and card.get("status") == "running":
             # Killed after metrics.json but before its card said so? metrics.json decides.
-            summary = _json(store.read_bytes(store.metrics_path))
+            summary = store.peek_json(store.metrics_path)
             if isinstance(summary, dict) and summary.get("complete"):
                 status = "complete"
         entries.append(RunEntry(card=card, status=status, url=store.url()))
@@ -224,8 +223,8 @@ def legacy_entry(store: RunStore) -> RunEntry | None:
     (SeaweedFS) leaves after ``rm``, or a run that is just being created.
     """
     spec_record, summary, tags = store.gather(
-        lambda: _json(store.read_bytes(store.spec_path)),
-        lambda: _json(store.read_bytes(store.metrics_path)),
+        lambda: store.peek_json(store.spec_path),
+        lambda: store.peek_json(store.metrics_path),
         lambda: parse_tags(store.read_bytes(store.path(TAGS_FILE))),
     )
     lock = RunLock(store)
@@ -278,12 +277,3 @@ def _cat(store: RunStore, paths: list[str]) -> dict[str, bytes | None]:
     """The bytes of each path (None where missing), one GET each; concurrent on object stores."""
     calls = [functools.partial(store.read_bytes, path) for path in paths]
     return dict(zip(paths, store.gather(*calls), strict=True))
-
-
-def _json(data: bytes | None) -> Any:
-    if data is None:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -229,20 +229,36 @@ def _validate(
     try:
         spec = EvalSpec.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(err, text, origin) for err in exc.errors()]
-        raise SpecError(
-            f"{origin}: invalid spec ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n"
-            + "\n".join(f"  {line}" for line in lines)
-        ) from None
+        raise invalid_file(exc, text, origin, what="spec") from None
     spec._source = source
     return spec
 
 
-def _describe(error: Any, text: str | None, origin: str) -> str:
-    loc = tuple(error["loc"])
-    line = line_of(text, loc) if text is not None else None
-    where = f"{origin}:{line}: " if line else ""
-    return f"{where}{describe_problem(error)}"
+def invalid_file(
+    exc: ValidationError,
+    text: str | None,
+    origin: str,
+    *,
+    what: str,
+    error: type[ShardevalError] = SpecError,
+    location: Callable[[tuple[Any, ...]], tuple[Any, ...]] = tuple,
+) -> ShardevalError:
+    """A YAML file's pydantic errors as one error, a ``file:line: field: problem`` line each.
+
+    Specs and suites report alike, so a user reads one format. ``location`` maps pydantic's
+    location of a problem to the YAML path where it is found (a suite drops the names pydantic
+    gives a union's branches); the line is that node's, or its nearest parent's.
+    """
+    lines = []
+    for err in exc.errors():
+        loc = location(tuple(err["loc"]))
+        line = line_of(text, loc)
+        where = f"{origin}:{line}: " if line else ""
+        lines.append(f"{where}{describe_problem({**err, 'loc': loc})}")
+    return error(
+        f"{origin}: invalid {what} ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n"
+        + "\n".join(f"  {line}" for line in lines)
+    )
 
 
 def describe_problem(error: Any, *, prefix: str = "", unknown: str = "unknown field") -> str:

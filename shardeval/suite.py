@@ -30,6 +30,7 @@ from shardeval.spec import (
     EvalSpec,
     ModelSpec,
     describe_problem,
+    invalid_file,
     line_of,
     load_spec,
     resolve_relative,
@@ -135,10 +136,8 @@ def load_suite(source: str | Path | Mapping[str, Any]) -> LoadedSuite:
     try:
         spec = SuiteSpec.model_validate(data)
     except ValidationError as exc:
-        lines = [_located(err, text, origin) for err in exc.errors()]
-        raise SuiteError(
-            f"{origin}: invalid suite ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n"
-            + "\n".join(f"  {line}" for line in lines)
+        raise invalid_file(
+            exc, text, origin, what="suite", error=SuiteError, location=_without_branch
         ) from None
     return LoadedSuite(spec=spec, source=path, cells=_resolve(spec, text, origin, path))
 
@@ -267,13 +266,11 @@ def _at(text: str | None, origin: str, loc: tuple[Any, ...]) -> str:
     return f"{origin}:{line}: " if line else f"{origin}: "
 
 
-def _located(error: Any, text: str | None, origin: str) -> str:
-    loc = tuple(error["loc"])
+def _without_branch(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``evals[0].EvalEntry.set`` as ``evals[0].set``: a union branch's name is no field."""
     if loc and loc[0] == "evals" and len(loc) > 2 and loc[2] in ("str", "EvalEntry"):
-        loc = (loc[0], loc[1], *loc[3:])  # pydantic's union branch names are no field
-    line = line_of(text, loc)
-    where = f"{origin}:{line}: " if line else ""
-    return f"{where}{describe_problem({**error, 'loc': loc})}"
+        return (loc[0], loc[1], *loc[3:])
+    return loc
 
 
 def read_text(origin: str) -> str:

@@ -33,8 +33,11 @@ def run_suite(
     unsupported: Mapping[str, object],
 ) -> None:
     """Run (or resume) every cell of a suite; print the evals × models table."""
-    from shardeval.cli import _configure_logging
-    from shardeval.run_console import install_signal_handlers, route_prefect_logs
+    from shardeval.run_console import (
+        configure_logging,
+        install_signal_handlers,
+        route_prefect_logs,
+    )
 
     given = [option for option, value in unsupported.items() if value not in (None, False)]
     if given:
@@ -43,7 +46,7 @@ def run_suite(
             hint="set such fields per eval in the suite file (`set:`) or per model (`models:`)",
         )
     started = time.monotonic()
-    _configure_logging(verbose)
+    configure_logging(verbose)
     suite = SuiteSession.prepare(source, output=output, retry_failed=retry_failed, limit=limit)
     for cell in suite.cells:
         if cell.session.new_run_reason:

@@ -1,4 +1,4 @@
-"""Command modules of the ``shardeval`` CLI beyond the core ones in :mod:`shardeval.cli`.
+"""The commands of the ``shardeval`` CLI, one module each; :mod:`shardeval.cli` holds the app.
 
 Each module here defines ``register(app)`` and adds its commands to the Typer app; the list
 below is the order ``shardeval --help`` shows them in. A module imports only what its commands
@@ -12,6 +12,10 @@ import importlib
 import typer
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "run",  # run, validate
+    "status",
+    "rescore",
+    "test_server",
     "runs",
     "resume",
     "rm",

@@ -16,7 +16,7 @@ from rich.text import Text
 from shardeval.display import err_console, out_console
 
 if TYPE_CHECKING:
-    from shardeval.compare import Comparison, Flip
+    from shardeval.comparison import Comparison, Flip
     from shardeval.history import History
 
 SHOWN_FLIPS = 10
@@ -76,7 +76,7 @@ def compare(
 
 def gate(comparison: Comparison | dict[str, Any]) -> None:
     """The quality gate: raise :class:`RegressionDetected` (exit 3) on any regression."""
-    from shardeval.compare import Comparison, RegressionDetected
+    from shardeval.comparison import Comparison, RegressionDetected
 
     if isinstance(comparison, dict):
         comparison = Comparison.from_dict(comparison)
@@ -91,7 +91,7 @@ def gate(comparison: Comparison | dict[str, Any]) -> None:
 
 def print_comparison_dict(data: dict[str, Any]) -> None:
     """:func:`print_comparison` of a comparison's JSON object (comparison.json)."""
-    from shardeval.compare import Comparison
+    from shardeval.comparison import Comparison
 
     print_comparison(Comparison.from_dict(data))
 

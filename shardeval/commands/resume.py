@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from shardeval.commands.options import RunIdArg, RunsOutputOpt, RunsSpecOpt
+from shardeval.commands.options import (
+    LimitOpt,
+    QuietOpt,
+    RetryFailedOpt,
+    RunIdArg,
+    RunsOutputOpt,
+    RunsSpecOpt,
+    VerboseOpt,
+    WaitOpt,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,9 +28,7 @@ def resume(
     run_id: RunIdArg,
     output: RunsOutputOpt = None,
     spec: RunsSpecOpt = None,
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Send again the rows whose status is error.")
-    ] = False,
+    retry_failed: RetryFailedOpt = False,
     allow_dataset_change: Annotated[
         bool,
         typer.Option(
@@ -30,14 +37,10 @@ def resume(
             "changed items are sent).",
         ),
     ] = False,
-    limit: Annotated[
-        int | None, typer.Option(min=1, help="Evaluate only the first N items.")
-    ] = None,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="Wait for another process holding the run.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+    limit: LimitOpt = None,
+    wait: WaitOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Continue a run from its spec.json: same run id, same dataset, only what is missing.
 
@@ -46,11 +49,10 @@ def resume(
     """
     started = time.monotonic()
     from shardeval.catalog import resolve_output
-    from shardeval.cli import _configure_logging
     from shardeval.resume import prepare_resume
-    from shardeval.run_console import evaluate_session
+    from shardeval.run_console import configure_logging, evaluate_session
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     session = prepare_resume(
         run_id,
         resolve_output(output, spec),

@@ -260,6 +260,20 @@ class RunStore:
             self.quarantine(path, f"not valid JSON: {exc}")
             return None
 
+    def peek_json(self, path: str) -> Any | None:
+        """Parsed JSON at ``path``; None if missing or if it does not parse, set aside or not.
+
+        For the readers that never write (``status``, ``runs``): setting a damaged file aside
+        is the lease holder's job, and the file may be in the middle of being replaced.
+        """
+        data = self.read_bytes(path)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            return None
+
     def read_tables(
         self, paths: list[str], columns: list[str] | None = None
     ) -> Iterator[pa.Table | None]:

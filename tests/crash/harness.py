@@ -15,6 +15,7 @@ from typing import Any
 from shardeval.testing.server import TestServer
 from tests.conftest import cli_env
 from tests.helpers.specs import write_spec
+from tests.helpers.waiting import wait_until
 
 BATCH_SIZE = 50
 CONCURRENCY = 16
@@ -86,3 +87,28 @@ def wait_for_answers(
             raise AssertionError(f"no progress within {timeout}s")
         time.sleep(0.005)
     return False
+
+
+def stall(server: TestServer, process: subprocess.Popen[bytes], latency_s: float = 30.0) -> None:
+    """Make the server hang on new requests; return once one of those hanging is in flight.
+
+    The latency is drawn when a request arrives, so requests already in flight keep their old,
+    short one. Returns when every request that arrived before the change has been answered and
+    one that arrived after it is in flight. (A request that arrived while the change was being
+    made may still be on its short way.)
+    """
+    before = server.stats()["requests"]
+    server.configure(latency_min=latency_s, latency_max=latency_s)
+    after = server.stats()["requests"]
+
+    def stalled() -> bool:
+        stats = server.stats()
+        return stats["requests"] - stats["in_flight"] >= before and stats["requests"] > after
+
+    wait_until(
+        stalled,
+        timeout=60,
+        what="the server answering what came before the stall",
+        every=0.01,
+        process=process,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,9 +13,11 @@ from tests.crash.harness import (
     BATCH_SIZE,
     crash_spec,
     output_of,
+    stall,
     start_run,
     wait_for_answers,
 )
+from tests.helpers.waiting import wait_until
 
 N_ITEMS = 400
 
@@ -49,19 +50,31 @@ def test_truncated_batch_and_part_are_set_aside_and_only_their_items_recomputed(
     logs = tmp_path / "logs"
 
     # Kill a run once some batches are committed and a later one has journaled answers: stall the
-    # server after a while, give the time-based flush a moment, then kill.
+    # server after a while, wait for those files, then kill.
     process = start_run(spec, prefect_api, logs)
     assert wait_for_answers(slow_server, process, 2 * BATCH_SIZE + 30), output_of(logs)
-    slow_server.configure(latency_min=30.0, latency_max=30.0)
-    time.sleep(2.5)
+    stall(slow_server, process)
+
+    def stored() -> tuple[list[Path], list[Path]] | None:
+        """The committed batches and the journals, once there are two and one of 2+ answers."""
+        run_dirs = sorted((output / "runs").glob("*"))
+        if not run_dirs:
+            return None
+        batches = sorted((run_dirs[0] / "batches").glob("*.parquet"))
+        # On local disk a running batch's answers are in its journal (one line per answer).
+        journals = sorted((run_dirs[0] / "parts").glob("*/*.journal.jsonl"))
+        if len(batches) < 2 or not journals or journals[0].read_bytes().count(b"\n") < 2:
+            return None
+        return batches, journals
+
+    wait_until(stored, timeout=60, what="two committed batches and a journal", process=process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     slow_server.configure(latency_min=0.02, latency_max=0.05)
     run_dir = next((output / "runs").iterdir())
-    batches = sorted((run_dir / "batches").glob("*.parquet"))
-    # On local disk a running batch's answers are in its journal (one line per answer).
-    journals = sorted((run_dir / "parts").glob("*/*.journal.jsonl"))
-    assert len(batches) >= 2 and journals, f"{len(batches)} batches, {len(journals)} journals"
+    found = stored()  # again after the kill: what the rest of the test works on
+    assert found is not None, "the kill removed a committed batch or a journal"
+    batches, journals = found
 
     damaged = truncate(batches[0])
     tear(journals[0])  # a machine crash's torn tail: the cut line's item is sent again

@@ -19,6 +19,7 @@ from shardeval.locking import RunLock
 from shardeval.storage import RunStore
 from shardeval.testing.server import TestServer
 from tests.crash.harness import crash_spec, output_of, start_run
+from tests.helpers.waiting import wait_until
 
 N_ITEMS = 1000
 
@@ -55,9 +56,12 @@ def test_two_concurrent_runs_one_runs_the_other_names_the_holder(
     slow_server.configure(latency_min=1.0, latency_max=1.0)
     first = start_run(spec, prefect_api, first_logs)
     second = start_run(spec, prefect_api, second_logs)
-    deadline = time.monotonic() + 120
-    while first.poll() is None and second.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(
+        lambda: first.poll() is not None or second.poll() is not None,
+        timeout=120,
+        what="one of the two runs exiting",
+        every=0.1,
+    )
     slow_server.configure(latency_min=0.02, latency_max=0.05)
     codes = {first.pid: first.wait(timeout=300), second.pid: second.wait(timeout=300)}
     assert sorted(codes.values()) == [0, 1], (output_of(first_logs), output_of(second_logs))
@@ -93,9 +97,16 @@ def test_live_holder_refuses_then_wait_queues_and_a_dead_holder_is_taken_over(
     assert "since 2026-01-01" in said, said
     assert slow_server.stats()["requests"] == 0
 
-    # --wait queues behind it and goes on once the holder lets go.
+    # --wait queues behind it (it says so once it has found the holder) and goes on once the
+    # holder lets go.
     waiting = start_run(spec, prefect_api, logs, "--run-id", run_id, "--wait")
-    time.sleep(8)
+    wait_until(
+        lambda: f"waiting for run {run_id}: held by host" in output_of(logs),
+        timeout=120,
+        what="the --wait run saying whom it waits for",
+        process=waiting,
+    )
+    assert f"pid {os.getpid()}" in output_of(logs), output_of(logs)
     assert waiting.poll() is None, output_of(logs)
     assert slow_server.stats()["requests"] == 0
     lock_path.unlink()

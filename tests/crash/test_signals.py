@@ -18,9 +18,11 @@ from shardeval.testing.server import TestServer
 from tests.crash.harness import (
     crash_spec,
     output_of,
+    stall,
     start_run,
     wait_for_answers,
 )
+from tests.helpers.waiting import wait_until
 
 N_ITEMS = 1000
 
@@ -67,11 +69,19 @@ def test_a_second_signal_stops_at_once_without_damage(
     logs = tmp_path / "logs"
     process = start_run(spec, prefect_api, logs)
     assert wait_for_answers(slow_server, process, 60), output_of(logs)
-    slow_server.configure(latency_min=30.0, latency_max=30.0)  # what is in flight now hangs
-    time.sleep(0.5)
+    stall(slow_server, process)  # what is in flight now hangs
     process.send_signal(signum)
-    time.sleep(1.0)
+    wait_until(
+        lambda: "stopping: no new requests" in output_of(logs),
+        timeout=30,
+        what="the run acknowledging the first signal",
+        process=process,
+    )
+    # "Still waiting for the requests in flight" has no event of its own; a stop that did not
+    # wait would already be tearing down (closing those requests), so give it a moment to.
+    time.sleep(0.5)
     assert process.poll() is None, "the first signal must wait for the requests in flight"
+    assert slow_server.stats()["in_flight"] > 0, "the requests in flight were dropped"
     sent = time.monotonic()
     process.send_signal(signum)
     assert process.wait(timeout=20) == 130, output_of(logs)

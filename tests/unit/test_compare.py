@@ -14,7 +14,8 @@ import pytest
 from scipy.stats import binomtest
 
 from shardeval.catalog import RunNotFound
-from shardeval.compare import UnknownMetric, compare_results
+from shardeval.compare import compare_results
+from shardeval.comparison import UnknownMetric
 from shardeval.paired_stats import holm, mcnemar_exact, paired_bootstrap_p
 from shardeval.run_reader import RunNotComplete, read_run
 from shardeval.storage import RunStore

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from shardeval.runlist import RunEntry, RunFilter, decide_status, list_runs, par
 from shardeval.session import RunSession
 from shardeval.storage import RunStore
 from tests.helpers.specs import write_spec
+from tests.helpers.waiting import wait_until
 from tests.unit.test_session import run_without_prefect
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -183,19 +185,23 @@ def test_the_card_is_refreshed_while_running_and_says_how_the_attempt_ended(
             session.progress.finished("ok", batch="b")
             session.progress.finished("error", "http_400", batch="b")
             write_tags_later.write_json(write_tags_later.path("tags.json"), ["wip"])
-            deadline = time.monotonic() + 10
-            while True:
-                current = read_card(session.store)
-                if current and current["n_done"] == 2 and current["tags"] == ["wip"]:
-                    break
-                assert time.monotonic() < deadline, current
-                time.sleep(0.02)
+
+            def refreshed() -> dict[str, Any] | None:
+                card = read_card(session.store)
+                return card if card and card["n_done"] == 2 and card["tags"] == ["wip"] else None
+
+            current = wait_until(refreshed, timeout=10, what="a refresh with the progress and tags")
             assert current["n_error"] == 1
             assert list_runs(str(out))[0].status == "running"
         ended = read_card(session.store)
     assert ended is not None and ended["status"] == "incomplete"
     assert ended["finished_at"] is not None and ended["holder"] is None
-    time.sleep(0.15)  # no late refresh turns it back into "running"
+    # No late refresh turns it back into "running": once the refresh thread is gone, none can.
+    wait_until(
+        lambda: not any(t.name == "shardeval-card" for t in threading.enumerate()),
+        timeout=10,
+        what="the card's refresh thread ending",
+    )
     assert read_card(session.store)["status"] == "incomplete"  # type: ignore[index]
     assert list_runs(str(out))[0].status == "incomplete"
 
