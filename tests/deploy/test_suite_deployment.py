@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from shardeval.testing.server import ServerConfig, TestServer
+from shardeval.testing.server import TestServer
 from tests.conftest import ROOT, cli_env
 from tests.deploy.conftest import wait_final
 from tests.helpers.suites import write_suite
@@ -44,15 +43,6 @@ def suite_deployment(prefect_api: str, client: Any, work_pool: str) -> Any:
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "successfully created" in output, output[-3000:]
     return client.read_deployment_by_name(DEPLOYMENT)
-
-
-@pytest.fixture
-def other_server() -> Iterator[TestServer]:
-    server = TestServer.start_in_thread(ServerConfig(latency_min=0.005, latency_max=0.01))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def subflow_runs(client: Any, flow_run_id: Any) -> list[dict[str, Any]]:
@@ -134,7 +124,7 @@ def test_a_failed_suite_run_retried_through_the_api_resumes(
     client: Any,
     use_server: str,
     llm_server: TestServer,
-    other_server: TestServer,
+    second_server: TestServer,
     tmp_path: Path,
 ) -> None:
     from prefect.deployments import run_deployment
@@ -144,11 +134,11 @@ def test_a_failed_suite_run_retried_through_the_api_resumes(
     data = yaml.safe_load(suite.read_text())
     data["evals"][1] = {
         "path": data["evals"][1],
-        "set": {"model": {"base_url": other_server.url, "max_retries": 0}},
+        "set": {"model": {"base_url": second_server.url, "max_retries": 0}},
     }
     suite.write_text(yaml.safe_dump(data, sort_keys=False))
     output = tmp_path / "out"
-    other_server.configure(down=True)
+    second_server.configure(down=True)
 
     flow_run = run_deployment(
         DEPLOYMENT, parameters={"suite": str(suite), "output": str(output)}, timeout=0
@@ -161,8 +151,8 @@ def test_a_failed_suite_run_retried_through_the_api_resumes(
     assert [c["status"] for c in before] == ["complete", "failed"]
     assert llm_server.stats()["completions"] == 20
 
-    other_server.configure(down=False)
-    other_server.reset()
+    second_server.configure(down=False)
+    second_server.reset()
     llm_server.reset()
     result = client.set_flow_run_state(
         flow_run.id, Scheduled(message="Retried via the API"), force=True
@@ -175,7 +165,7 @@ def test_a_failed_suite_run_retried_through_the_api_resumes(
     assert [c["run_id"] for c in after] == [c["run_id"] for c in before]
     assert [c["status"] for c in after] == ["complete", "complete"]
     assert llm_server.stats()["requests"] == 0  # the complete cell came back from storage
-    stats = other_server.stats()
+    stats = second_server.stats()
     assert stats["completions"] == 20 and max(stats["prompt_completions"].values()) == 1
 
 
@@ -185,7 +175,7 @@ def test_nightly_suite_runs_compare_each_cell_with_its_own_night_before(
     client: Any,
     use_server: str,
     llm_server: TestServer,
-    other_server: TestServer,
+    second_server: TestServer,
     tmp_path: Path,
 ) -> None:
     """model-a's endpoint regresses on known items on night 2, model-b's does not."""
@@ -195,7 +185,7 @@ def test_nightly_suite_runs_compare_each_cell_with_its_own_night_before(
 
     models = [
         {"model": "model-a", "base_url": llm_server.url},
-        {"model": "model-b", "base_url": other_server.url},
+        {"model": "model-b", "base_url": second_server.url},
     ]
     suite = write_suite(tmp_path, evals=1, n_items=120, base_url=llm_server.url, models=models)
     output = tmp_path / "out"

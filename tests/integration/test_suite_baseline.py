@@ -11,14 +11,13 @@ run. Which items flip is computed here, independently of shardeval.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from shardeval.testing.server import ServerConfig, TestServer
+from shardeval.testing.server import TestServer
 from tests.helpers.specs import arith_items
 from tests.helpers.suites import write_suite
 from tests.integration.test_compare import expected_flips
@@ -26,16 +25,6 @@ from tests.integration.test_compare import expected_flips
 pytestmark = pytest.mark.slow
 
 N_ITEMS = 120
-
-
-@pytest.fixture
-def server_b() -> Iterator[TestServer]:
-    """model-b's endpoint, reconfigured apart from model-a's (``llm_server``)."""
-    server = TestServer.start_in_thread(ServerConfig(latency_min=0.002, latency_max=0.004))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def said(result: Any) -> str:
@@ -52,15 +41,15 @@ def suite_run_ids(output: Path) -> set[str]:
 
 
 def test_each_cell_is_compared_with_its_own_models_earlier_run(
-    run_cli: Any, llm_server: TestServer, server_b: TestServer, tmp_path: Path
+    run_cli: Any, llm_server: TestServer, second_server: TestServer, tmp_path: Path
 ) -> None:
     models = [
         {"model": "model-a", "base_url": llm_server.url},
-        {"model": "model-b", "base_url": server_b.url},
+        {"model": "model-b", "base_url": second_server.url},
     ]
     suite = write_suite(tmp_path, evals=1, n_items=N_ITEMS, base_url=llm_server.url, models=models)
     output = tmp_path / "out"
-    server_b.configure(wrong_every=3)  # model-b is worse than model-a on both nights
+    second_server.configure(wrong_every=3)  # model-b is worse than model-a on both nights
 
     night1 = run_cli("run", str(suite), "--baseline", "previous", "--fail-on-regression", "-q")
     assert night1.returncode == 0, said(night1)
@@ -135,11 +124,11 @@ def test_each_cell_is_compared_with_its_own_models_earlier_run(
     # The same command again: every cell answered from storage (no Prefect, no model call),
     # compared again, the same verdicts and the same gate.
     llm_server.reset()
-    server_b.reset()
+    second_server.reset()
     again = run_cli("run", str(suite), "--baseline", "previous", "--fail-on-regression", "-q")
     assert again.returncode == 3, said(again)
     assert "answered from storage" in said(again)
-    assert llm_server.stats()["requests"] == 0 and server_b.stats()["requests"] == 0
+    assert llm_server.stats()["requests"] == 0 and second_server.stats()["requests"] == 0
     assert {k: v["verdict"] for k, v in summary_cells(output, second_id).items()} == {
         "model-a": "regression",
         "model-b": "inconclusive",
