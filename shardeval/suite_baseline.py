@@ -35,7 +35,7 @@ def compare_stored_cells(suite: SuiteSession) -> None:
 
 
 def regression_summary(cell: CellRun) -> str:
-    """``e0 × model-a (e0-1a2b…): exact_match regressed (-0.0333, 12 broken) vs e0-9f8e…``."""
+    """``e0 × m (e0-1a2b) regressed against e0-9f8e on exact_match -0.0333 (12 broken)``."""
     against = cell.against_baseline()
     metrics = (cell.comparison or {}).get("metrics") or {}
     shown = []
