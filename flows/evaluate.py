@@ -73,6 +73,7 @@ def evaluate(
     dask_address: str | None = None,
     overrides: list[str] | None = None,
     baseline: str | None = None,
+    baseline_same_model: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model on a dataset, resuming whatever a previous attempt finished.
 
@@ -98,6 +99,9 @@ def evaluate(
             of the same eval), ``tag:NAME`` or a run id; the comparison is stored as
             comparison.json, published as an artifact, and a regression emits the event
             ``shardeval.regression.detected`` (docs/alerts.md).
+        baseline_same_model: only earlier runs of the same model (its fingerprint) count as
+            the baseline; the suite flow sets it, so that each cell is compared with its own
+            earlier run and not with another model's run of the same eval.
 
     Returns:
         The run's metrics.json content (with ``comparison`` when compared).
@@ -134,7 +138,7 @@ def evaluate(
                 session.require(stage, submit_batches(stage, progress, runner=runner))
         progress.set_phase("aggregating")
         summary = aggregate(session)
-    comparison = compare_to_baseline(session, summary, baseline)
+    comparison = compare_to_baseline(session, summary, baseline, same_model=baseline_same_model)
     return {**summary, "comparison": comparison} if comparison else summary
 
 

@@ -11,6 +11,13 @@ A cell that fails is recorded (suite.json says why) and does not stop the others
 run then fails naming the failed cells. Retrying that flow run (UI, ``prefect flow-run
 retry``) keeps its id, hence every cell's run id: complete cells come back from storage and
 the failed ones resume, their finished batches Cached.
+
+With ``baseline`` (``previous`` or ``tag:T``; the nightly deployment has ``previous``) every
+complete cell is compared with its own baseline, the latest complete earlier run of the same
+eval and model, by the same task as a single run's (tasks/compare.py): a cell that runs
+compares itself in its ``evaluate`` subflow, a cell that came back from storage is compared
+by the suite flow. Each comparison publishes an artifact and an event,
+``shardeval.regression.detected`` or ``shardeval.run.completed``, as a single run does.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from shardeval.suite import read_text
 from shardeval.suite_report import suite_markdown, suite_rows
 from shardeval.suite_session import CellRun, SuiteSession
 from tasks.aggregate import artifact_key
+from tasks.compare import compare_to_baseline
 
 
 def suite_run_name() -> str:
@@ -64,6 +72,8 @@ def run_cell(suite: SuiteSession, index: int, wait: bool = False) -> str:
             output=cell.session.store.output,
             run_id=cell.run_id,
             wait=wait,
+            baseline=suite.baseline,
+            baseline_same_model=True,
         )
     except RunInterrupted as exc:
         suite.cell_failed(cell, exc, interrupted=True)
@@ -89,6 +99,7 @@ def evaluate_suite(
     retry_failed: bool = False,
     limit: int | None = None,
     wait: bool = False,
+    baseline: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate every (eval, model) cell of a suite, resuming whatever earlier attempts did.
 
@@ -99,6 +110,10 @@ def evaluate_suite(
         retry_failed: send again the rows whose status is error, in every cell.
         limit: evaluate only the first N items of each eval.
         wait: wait for another process holding a cell's run instead of failing it.
+        baseline: compare every complete cell with ``previous`` (the latest complete earlier
+            run of the same eval and the same model) or ``tag:NAME`` (the latest such run
+            with that tag); each cell's comparison is stored in its run as comparison.json,
+            and a regression emits ``shardeval.regression.detected`` (docs/alerts.md).
 
     Returns:
         summary.json's content (every cell's metrics).
@@ -113,8 +128,13 @@ def evaluate_suite(
             limit=limit,
             # Like evaluate: only a deployment run gets a run per flow run.
             flow_run_id=str(flow_run.id) if deployment.id else None,
+            baseline=baseline,
         )
     )
+    if baseline is not None and isinstance(suite, SuiteSession):
+        from shardeval.baseline import check_suite_selector
+
+        session.baseline = check_suite_selector(baseline)
     logger = get_run_logger()
     pending = session.start()
     logger.info(
@@ -140,6 +160,11 @@ def evaluate_suite(
         ]
         for future in futures:
             future.wait()
+    stopping = interrupt.stop_for(session.suite_run_id).requested
+    for cell in [] if stopping else session.to_compare():  # the cells from storage
+        compare = compare_to_baseline.with_options(name=f"compare {cell.label}")
+        comparison = compare(cell.session, cell.metrics or {}, session.baseline, same_model=True)
+        session.cell_compared(cell, comparison)
     summary = session.finish()
     create_table_artifact(
         key=artifact_key(session.suite_run_id, "suite"),

@@ -149,18 +149,21 @@ def artifact_key(name: str | None) -> str:
     return f"shardeval-comparison-{slug}"
 
 
-def publish_comparison(comparison: Comparison, run_info: Mapping[str, Any]) -> dict[str, Any]:
+def publish_comparison(
+    comparison: Comparison, run_info: Mapping[str, Any], *, key: str | None = None
+) -> dict[str, Any]:
     """Create the comparison artifact and emit the regression (or completed) event.
 
     Meant for inside a flow run (the artifact and the event are linked to it). ``run_info`` is
-    :func:`run_info` of the candidate. Returns ``{"event", "id", "payload", "artifact_id"}``.
+    :func:`run_info` of the candidate; ``key`` the artifact's (default: one per eval).
+    Returns ``{"event", "id", "payload", "artifact_id"}``.
     """
     from prefect.artifacts import create_markdown_artifact
     from prefect.events import emit_event
 
     artifact_id = create_markdown_artifact(
         markdown=comparison_markdown(comparison, run_info),
-        key=artifact_key(run_info.get("eval")),
+        key=key or artifact_key(run_info.get("eval")),
         description=f"{comparison.cand} vs {comparison.base}: {comparison.verdict}",
     )
     name = REGRESSION_EVENT if comparison.verdict == "regression" else COMPLETED_EVENT

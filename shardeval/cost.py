@@ -201,6 +201,37 @@ def cost_summary(parts: list[CostTally]) -> dict[str, Any]:
     }
 
 
+def part_prices(model: ModelSpec, metrics: list[Metric]) -> list[dict[str, Any] | None]:
+    """The price of each part metrics.json ``cost.parts`` lists, in its order (model, judges).
+
+    Prices are in no run id or cache key (they change what a run cost, not what it answered),
+    so a price edit alone keeps the run and every stored answer; :func:`priced_as` then tells
+    that the stored ``cost`` is stale and the run is finalized again from the stored tokens.
+    """
+    from shardeval.metrics.judge import JudgeScorer
+
+    models = [model, *(m.scorer.model for m in metrics if isinstance(m.scorer, JudgeScorer))]
+    return [price.to_dict() if (price := price_for(m)) else None for m in models]
+
+
+def priced_as(summary: dict[str, Any], prices: list[dict[str, Any] | None]) -> bool:
+    """Whether metrics.json's ``cost`` was computed with ``prices`` (:func:`part_prices`).
+
+    A metrics.json from before costs were recorded has no ``cost``: it is current as long as
+    nothing is priced now (its cost would be null anyway).
+    """
+    from shardeval.hashing import canonical_json
+
+    cost = summary.get("cost")
+    if not isinstance(cost, dict):
+        return all(price is None for price in prices)
+    parts = cost.get("parts")
+    stored = (
+        [p.get("price") for p in parts if isinstance(p, dict)] if isinstance(parts, list) else None
+    )
+    return canonical_json(stored) == canonical_json(prices)
+
+
 def _round(usd: float) -> float:
     """Micro-dollars: enough for a cent-exact total, without float noise in the JSON."""
     return round(usd, 6)

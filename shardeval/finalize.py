@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardeval import __version__
-from shardeval.cost import CostTally, cost_summary, judge_tallies, track_judge_use
+from shardeval.cost import CostTally, cost_summary, judge_tallies, priced_as, track_judge_use
 from shardeval.hashing import digest
 from shardeval.judging import Judgements, judge_metrics, load_judgements, with_judgements
 from shardeval.metrics import Metric, score_row, summarize
@@ -45,15 +45,23 @@ def metrics_fingerprint(metrics: list[Metric]) -> str:
 
 
 def is_current(
-    summary: Any, *, plan_fingerprint: str | None, metrics: list[Metric] | None = None
+    summary: Any,
+    *,
+    plan_fingerprint: str | None,
+    metrics: list[Metric] | None = None,
+    prices: list[dict[str, Any] | None] | None = None,
 ) -> bool:
     """Whether a metrics.json describes this plan (and, given ``metrics``, these metrics).
 
-    The one criterion for "complete": every command that asks uses this.
+    Given ``prices`` (:func:`shardeval.cost.part_prices`), its cost must also have been
+    computed with them: a price edit alone finalizes again (from the stored tokens, no model
+    call). The one criterion for "complete": every command that asks uses this.
     """
     if not isinstance(summary, dict) or not summary.get("complete"):
         return False
     if plan_fingerprint is None or summary.get("plan_fingerprint") != plan_fingerprint:
+        return False
+    if prices is not None and not priced_as(summary, prices):
         return False
     return metrics is None or summary.get("metrics_fingerprint") == metrics_fingerprint(metrics)
 

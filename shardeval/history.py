@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardeval.catalog import list_run_ids, runs_dir
 from shardeval.compare import compare_results
 from shardeval.comparison import UnknownMetric
+from shardeval.hashing import canonical_json
 from shardeval.run_reader import read_run
 from shardeval.storage import RunStore
 
@@ -63,7 +65,12 @@ def _cat(store: RunStore, paths: list[str]) -> list[bytes | None]:
 
 
 def find_baseline(
-    output: str, name: str, before_run_id: str, spec_selector: str = "previous"
+    output: str,
+    name: str,
+    before_run_id: str,
+    spec_selector: str = "previous",
+    *,
+    model: Mapping[str, Any] | None = None,
 ) -> str | None:
     """The run to compare ``before_run_id`` with, or None if there is none yet.
 
@@ -75,6 +82,9 @@ def find_baseline(
         spec_selector: ``previous`` (the latest such run), ``tag:T`` (the latest such run
             tagged ``T``: its ``tags.json`` lists T) or a run id (returned as given; reading it
             reports a missing or incomplete run).
+        model: A model fingerprint (:func:`shardeval.hashing.model_fingerprint`): only runs of
+            that model count (a suite's cell against its own earlier run, not another model's
+            run of the same eval). None: any model, as a single ``run --baseline`` does.
     """
     if spec_selector != "previous" and not spec_selector.startswith(TAG_PREFIX):
         return spec_selector
@@ -87,10 +97,35 @@ def find_baseline(
         if m.get("run_id") != before_run_id
         and (cutoff is None or str(m.get("finished_at") or "") < cutoff)
     ]
-    if spec_selector.startswith(TAG_PREFIX):
-        tag = spec_selector[len(TAG_PREFIX) :]
-        earlier = [m for m in earlier if tag in _tags(output, str(m.get("run_id")))]
-    return str(earlier[-1]["run_id"]) if earlier else None
+    tag = spec_selector[len(TAG_PREFIX) :] if spec_selector.startswith(TAG_PREFIX) else None
+    for metrics in reversed(earlier):  # newest first: the files of older runs are not read
+        run_id = str(metrics.get("run_id"))
+        if tag is not None and tag not in _tags(output, run_id):
+            continue
+        if model is not None and not _same_model(output, metrics, model):
+            continue
+        return run_id
+    return None
+
+
+def _same_model(output: str, metrics: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> bool:
+    """Whether a complete run was made by the model of ``fingerprint``.
+
+    metrics.json names the provider, model and revision (enough to skip other models without
+    reading more); the run's spec.json holds its whole fingerprint (params, function).
+    """
+    named = metrics.get("model")
+    if not isinstance(named, Mapping):
+        return False
+    if any(named.get(k) != fingerprint.get(k) for k in ("provider", "model", "revision")):
+        return False
+    store = RunStore(output, str(metrics.get("run_id")))
+    record = store.read_bytes(store.spec_path)
+    try:
+        recorded = json.loads(record).get("model_fingerprint") if record else None
+    except (ValueError, AttributeError):
+        return False
+    return recorded is not None and canonical_json(recorded) == canonical_json(fingerprint)
 
 
 def _tags(output: str, run_id: str) -> list[str]:

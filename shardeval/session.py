@@ -29,6 +29,7 @@ import pyarrow as pa
 from shardeval import __version__, interrupt
 from shardeval.batch_requests import PlanRequests, batch_shared, duplicate_keys
 from shardeval.budget import close_budget, open_budget, stored_spend
+from shardeval.cost import part_prices
 from shardeval.engine import close_engines, stop_error
 from shardeval.errors import RunIncomplete
 from shardeval.finality import summary_has_auth_errors
@@ -197,7 +198,7 @@ class RunSession:
 
     # ---------------------------------------------------------- from storage
     def answer_from_storage(self) -> dict[str, Any] | None:
-        """metrics.json, when it is complete and current for this plan and these metrics.
+        """metrics.json, when it is complete and current for this plan, metrics and prices.
 
         Then the run needs no Prefect and no model call at all. ``--retry-failed`` always
         runs (its point is to send the error rows again).
@@ -207,7 +208,9 @@ class RunSession:
         summary = self.store.read_json(self.store.metrics_path)
         if summary_has_auth_errors(summary):
             return None  # 401/403 rows of an earlier version are sent again
-        if not is_current(summary, plan_fingerprint=self.plan.fingerprint(), metrics=self.metrics):
+        prices = part_prices(self.spec.model, self.metrics)  # a price edit re-finalizes
+        plan = self.plan.fingerprint()
+        if not is_current(summary, plan_fingerprint=plan, metrics=self.metrics, prices=prices):
             return None
         if not self.store.exists(self.store.results_path):
             return None

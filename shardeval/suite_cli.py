@@ -2,9 +2,10 @@
 
 :mod:`shardeval.cli` hands a file with a top-level ``suite:`` key over to these functions.
 Exit codes are the CLI's: 0 every cell complete, 1 a cell failed (the others are complete
-and kept), 2 the suite or one of its specs is invalid (found before any model call), 130
-interrupted. A suite whose cells are all complete and current is answered from storage
-without starting Prefect.
+and kept), 2 the suite or one of its specs is invalid (found before any model call), 3
+``--fail-on-regression`` and a cell regressed against its baseline, 130 interrupted. A
+suite whose cells are all complete and current is answered from storage without starting
+Prefect.
 """
 
 from __future__ import annotations
@@ -31,8 +32,15 @@ def run_suite(
     quiet: bool,
     verbose: bool,
     unsupported: Mapping[str, object],
+    baseline: str | None = None,
+    fail_on_regression: bool = False,
 ) -> None:
-    """Run (or resume) every cell of a suite; print the evals × models table."""
+    """Run (or resume) every cell of a suite; print the evals × models table.
+
+    With ``baseline`` every complete cell is compared with its own baseline
+    (:mod:`shardeval.suite_baseline`); ``fail_on_regression`` then exits 3 if any regressed
+    (after the table; a failed cell's exit 1 comes first).
+    """
     from shardeval.run_console import (
         configure_logging,
         install_signal_handlers,
@@ -45,19 +53,28 @@ def run_suite(
             f"{', '.join(given)} cannot be used with a suite ({source})",
             hint="set such fields per eval in the suite file (`set:`) or per model (`models:`)",
         )
+    if fail_on_regression and not baseline:
+        raise SpecError("--fail-on-regression needs --baseline", hint="add --baseline previous")
     started = time.monotonic()
     configure_logging(verbose)
-    suite = SuiteSession.prepare(source, output=output, retry_failed=retry_failed, limit=limit)
+    suite = SuiteSession.prepare(
+        source, output=output, retry_failed=retry_failed, limit=limit, baseline=baseline
+    )
     for cell in suite.cells:
         if cell.session.new_run_reason:
             err_console.print(f"[yellow]{cell.label}: {_escape(cell.session.new_run_reason)}[/]")
     if not suite.start():
+        if suite.baseline is not None:
+            from shardeval.suite_baseline import compare_stored_cells
+
+            compare_stored_cells(suite)
         suite.finish()
         err_console.print(
             f"[dim]suite {suite.suite_run_id}: all {len(suite.cells)} cells are complete and "
             "current: answered from storage[/]"
         )
         _print_result(suite, time.monotonic() - started)
+        _gate(suite, fail_on_regression)
         return
     show = not quiet and sys.stderr.isatty()
     grace = max(c.session.spec.grace_period_s for c in suite.cells)
@@ -76,6 +93,20 @@ def run_suite(
         _print_result(suite, time.monotonic() - started)
         raise
     _print_result(suite, time.monotonic() - started)
+    _gate(suite, fail_on_regression)
+
+
+def _gate(suite: SuiteSession, fail_on_regression: bool) -> None:
+    """Name the regressed cells; with ``--fail-on-regression`` exit 3 if there are any."""
+    if suite.baseline is None:
+        return
+    from shardeval.suite_baseline import gate, regression_summary
+
+    if fail_on_regression:
+        gate(suite)  # its message names the regressed cells
+        return
+    for cell in suite.regressed():
+        err_console.print(f"[red]regression[/]: {_escape(regression_summary(cell))}")
 
 
 def validate_suite(source: str, *, limit: int | None) -> None:
@@ -104,6 +135,14 @@ def _print_result(suite: SuiteSession, wall_s: float) -> None:
         + (f" · {counts['waiting']} not finished" if counts["waiting"] else "")
     )
     out_console.print(f"wall time: {wall_s:.1f}s")
+    if suite.baseline is not None:
+        verdicts = [c.against_baseline()["verdict"] for c in suite.cells]
+        shown = ", ".join(
+            f"{verdicts.count(v)} {v}"
+            for v in ("regression", "improvement", "inconclusive", "no baseline")
+            if v in verdicts
+        )
+        out_console.print(f"against baseline {suite.baseline}: {shown or 'nothing compared'}")
     out_console.print(f"suite: {suite.store.url()}")
 
 

@@ -1,5 +1,8 @@
 """A suite's results as tables: evals × models, main metric, 95% CI, n, errors, time, cost.
 
+With ``--baseline`` each cell also shows the main metric's change against the cell's own
+baseline and the comparison's verdict (``no baseline`` for a cell without an earlier run).
+
 Shared by the CLI's end-of-suite table, the Prefect table and markdown artifacts. The main
 metric of a cell is its spec's first metric.
 """
@@ -19,6 +22,7 @@ def suite_rows(suite: SuiteSession) -> list[dict[str, Any]]:
     for cell in suite.cells:
         main = main_metric(cell.metrics) or {}
         ci = main.get("ci95") or [None, None]
+        against = cell.against_baseline()
         rows.append(
             {
                 "eval": cell.cell.eval_label,
@@ -32,6 +36,9 @@ def suite_rows(suite: SuiteSession) -> list[dict[str, Any]]:
                 "errors": main.get("n_error"),
                 "wall_s": None if cell.wall_s is None else round(cell.wall_s, 1),
                 "cost_usd": cell_cost(cell),
+                "baseline": against["baseline"],
+                "delta": against["delta"],
+                "verdict": against["verdict"],
                 "run_id": cell.run_id,
                 "error": cell.error,
             }
@@ -56,7 +63,28 @@ def cell_text(cell: CellRun, *, markup: bool = True) -> str:
     usd = cell_cost(cell)
     cost = "cost unknown" if usd is None else f"${usd:,.4f}"
     tail = f"n={main.get('n')} · errors {main.get('n_error') or 0} · {time_s} · {cost}"
-    return f"{head}\n{tail}" if head else tail
+    lines = [head, tail, baseline_text(cell, markup=markup)]
+    return "\n".join(line for line in lines if line)
+
+
+_VERDICT_STYLE = {"regression": "bold red", "improvement": "bold green"}
+
+
+def baseline_text(cell: CellRun, *, markup: bool = True) -> str:
+    """``Δ -0.0333 [-0.051, -0.016] regression`` (or ``no baseline``); empty if not compared."""
+    against = cell.against_baseline()
+    verdict = against["verdict"]
+    if verdict is None:
+        return ""
+    style = _VERDICT_STYLE.get(verdict)
+    shown = f"[{style}]{verdict}[/]" if markup and style else verdict
+    if against["baseline"] is None:
+        return shown
+    delta, ci = against["delta"], against["delta_ci95"]
+    text = "Δ " + ("-" if delta is None else f"{delta:+.4f}")
+    if ci:
+        text += f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+    return f"{_escape(text) if markup else text} {shown}"
 
 
 def cell_cost(cell: CellRun) -> float | None:

@@ -8,7 +8,9 @@ The life of a suite (docs/suites.md)::
                                         by content (the cell's metrics.json is current for its
                                         plan and metrics), never by names or command lines
     for each pending cell (parallel):   suite.cell_started / cell_finished / cell_failed
-        the ``evaluate`` flow on its prepared RunSession
+        the ``evaluate`` flow on its prepared RunSession (with ``--baseline`` it compares
+        its run with the cell's own baseline: the same eval and model)
+    suite.to_compare() / cell_compared  the complete cells answered from storage, compared
     suite.finish()                      summary.json (every cell's metrics), written last
 
 A cell's run id is its own run's id (so ``status``, ``rescore``, ``compare`` work on it); the
@@ -38,6 +40,8 @@ from shardeval.storage import RunStore
 from shardeval.suite import Cell, SuiteError, load_suite
 
 CellStatus = Literal["complete", "incomplete", "failed"]
+NO_BASELINE = "no baseline"
+"""A compared cell's verdict when it has no earlier complete run of its eval and model."""
 SUITE_ID_VERSION = 1
 """Part of the suite run id's hash: bump it (with a migration note) if its inputs change."""
 
@@ -86,6 +90,10 @@ class CellRun:
     wall_s: float | None = None
     """Wall time of this attempt's work on the cell (None when answered from storage)."""
     from_storage: bool = False
+    compared: bool = False
+    """Whether the cell was compared with its baseline (``--baseline``): found or not."""
+    comparison: dict[str, Any] | None = None
+    """The comparison's JSON object (comparison.json); None without a baseline."""
     _started: float = 0.0
 
     @property
@@ -108,6 +116,35 @@ class CellRun:
             "status": self.status,
             "error": self.error,
             "wall_s": None if self.wall_s is None else round(self.wall_s, 3),
+            **self.against_baseline(),
+        }
+
+    def against_baseline(self) -> dict[str, Any]:
+        """The cell against its baseline: the main metric's delta and the verdict.
+
+        ``verdict`` is the comparison's (``regression`` when any metric regressed, the one
+        ``--fail-on-regression`` reads), ``no baseline`` when the cell has no earlier run of
+        its eval and model, null when it was not compared (no ``--baseline``, not complete).
+        """
+        out: dict[str, Any] = dict.fromkeys(("baseline", "delta", "delta_ci95", "verdict"))
+        out |= {"regressed": [], "comparison": None}
+        if not self.compared:
+            return out
+        if self.comparison is None:
+            return out | {"verdict": NO_BASELINE}
+        from shardeval.baseline import COMPARISON_FILE  # loaded by the comparison already
+
+        main = (main_metric(self.metrics) or {}).get("metric")
+        found = self.comparison.get("metrics") or {}
+        stats = found.get(main) or {}
+        store = self.session.store
+        return out | {
+            "baseline": self.comparison.get("base"),
+            "delta": stats.get("delta"),
+            "delta_ci95": stats.get("ci95"),
+            "verdict": self.comparison.get("verdict"),
+            "regressed": [n for n, m in found.items() if m.get("verdict") == "regression"],
+            "comparison": store.url_of(store.path(COMPARISON_FILE)),
         }
 
 
@@ -121,6 +158,8 @@ class SuiteSession:
     parallel: int
     cells: list[CellRun]
     store: SuiteStore
+    baseline: str | None = None
+    """``--baseline``: ``previous`` or ``tag:T``, for every cell against its own earlier run."""
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _lock: Any = field(default_factory=threading.Lock, repr=False)  # Any: Prefect's schemas
 
@@ -134,13 +173,19 @@ class SuiteSession:
         retry_failed: bool = False,
         limit: int | None = None,
         flow_run_id: str | None = None,
+        baseline: str | None = None,
     ) -> SuiteSession:
         """Load the suite and validate every cell before any model call (raises exit 2).
 
         ``flow_run_id`` (a deployment): each cell's run id gets the flow run's id, like the
         ``evaluate`` deployment's, so each flow run is a new suite run and a retry of the
-        same flow run (which keeps its id) resumes every cell.
+        same flow run (which keeps its id) resumes every cell. ``baseline``: ``previous`` or
+        ``tag:T`` (a run id is refused: it cannot be every cell's baseline).
         """
+        if baseline is not None:
+            from shardeval.baseline import check_suite_selector
+
+            check_suite_selector(baseline)
         loaded = load_suite(source)
         out = output or loaded.spec.output
         cells = []
@@ -168,6 +213,7 @@ class SuiteSession:
             parallel=loaded.spec.parallel,
             cells=cells,
             store=SuiteStore(suite_output, suite_run_id),
+            baseline=baseline,
         )
 
     def endpoint_limits(self) -> dict[EndpointKey, int]:
@@ -187,6 +233,7 @@ class SuiteSession:
         for cell in self.cells:
             stored = cell.session.answer_from_storage()
             cell.running, cell.wall_s, cell.error = False, None, None
+            cell.compared, cell.comparison = False, None
             if stored is not None:
                 cell.status, cell.metrics, cell.from_storage = "complete", stored, True
             else:
@@ -201,9 +248,17 @@ class SuiteSession:
             cell.running, cell._started = True, time.monotonic()
 
     def cell_finished(self, cell: CellRun, metrics: dict[str, Any]) -> None:
-        """A cell's run completed: record it in suite.json."""
+        """A cell's run completed: record it in suite.json.
+
+        ``metrics`` is what the ``evaluate`` flow returned: metrics.json, with ``comparison``
+        when its run was compared with a baseline (the flow compares with ``--baseline``).
+        """
+        metrics = dict(metrics)
+        comparison = metrics.pop("comparison", None)
         with self._lock:
             cell.status, cell.metrics, cell.error = "complete", metrics, None
+            if self.baseline is not None:
+                cell.compared, cell.comparison = True, comparison
             self._stop_clock(cell)
             self._write_suite()
 
@@ -215,6 +270,22 @@ class SuiteSession:
             cell.error = reason.splitlines()[0] if reason else type(exc).__name__
             self._stop_clock(cell)
             self._write_suite()
+
+    def to_compare(self) -> list[CellRun]:
+        """With ``--baseline``: the complete cells not compared yet (answered from storage)."""
+        if self.baseline is None:
+            return []
+        return [c for c in self.cells if c.status == "complete" and not c.compared]
+
+    def cell_compared(self, cell: CellRun, comparison: dict[str, Any] | None) -> None:
+        """A cell was compared with its baseline (None: it has none yet)."""
+        with self._lock:
+            cell.compared, cell.comparison = True, comparison
+            self._write_suite()
+
+    def regressed(self) -> list[CellRun]:
+        """The cells whose comparison with their baseline is a regression."""
+        return [c for c in self.cells if c.against_baseline()["verdict"] == "regression"]
 
     def _stop_clock(self, cell: CellRun) -> None:
         if cell.running:
@@ -304,6 +375,7 @@ class SuiteSession:
             "suite_run_id": self.suite_run_id,
             "source": self.source,
             "parallel": self.parallel,
+            "baseline": self.baseline,
             "started_at": self.started_at.isoformat(timespec="seconds"),
             "shardeval_version": __version__,
         }

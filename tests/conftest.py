@@ -62,14 +62,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def llm_server() -> Iterator[TestServer]:
-    """The OpenAI-compatible test server: deterministic arith answers, 5-10 ms latency."""
+def serve_test_model() -> Iterator[TestServer]:
+    """The project's test server in a thread, 5-10 ms latency, stopped after the test."""
     server = TestServer.start_in_thread(ServerConfig(latency_min=0.005, latency_max=0.01))
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def llm_server() -> Iterator[TestServer]:
+    """The OpenAI-compatible test server: deterministic arith answers, 5-10 ms latency."""
+    yield from serve_test_model()
+
+
+@pytest.fixture
+def second_server() -> Iterator[TestServer]:
+    """Another test server: an endpoint to take down, or a model to change, on its own."""
+    yield from serve_test_model()
 
 
 @pytest.fixture(scope="session")

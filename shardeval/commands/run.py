@@ -87,7 +87,8 @@ def run(
         typer.Option(
             "--baseline",
             help="When complete, compare with previous (the latest complete earlier run of "
-            "this eval), tag:NAME or a run id; stored as comparison.json.",
+            "this eval), tag:NAME or a run id; stored as comparison.json. A suite compares "
+            "each cell with its own earlier run (same eval and model): previous or tag:NAME.",
         ),
     ] = None,
     fail_on_regression: Annotated[
@@ -105,8 +106,7 @@ def run(
         unsupported["--batch-size"] = batch_size
         unsupported |= {"--concurrency": concurrency, "--dask-address": dask_address}
         unsupported["--task-runner"] = task_runner if task_runner != "threads" else None
-        unsupported |= {"--model": model, "--set": set_, "--baseline": baseline}
-        unsupported["--fail-on-regression"] = fail_on_regression
+        unsupported |= {"--model": model, "--set": set_}
         return run_suite(
             spec_source(spec),
             output=output,
@@ -116,6 +116,8 @@ def run(
             quiet=quiet,
             verbose=verbose,
             unsupported=unsupported,
+            baseline=baseline,
+            fail_on_regression=fail_on_regression,
         )
     started = time.monotonic()
     configure_logging(verbose)

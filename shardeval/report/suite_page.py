@@ -2,7 +2,8 @@
 
 Input is plain data, so it works with the suite's ``summary.json`` (design.md, "Suites")
 however that is produced: a list of cells ``{"eval", "model", "run_id", "status",
-"metrics": {name: {"mean", "ci95", "n"}}}``, and optionally histories
+"metrics": {name: {"mean", "ci95", "n"}}}`` (with ``baseline``, ``delta``, ``delta_ci95`` and
+``verdict`` when the suite ran with ``--baseline``), and optionally histories
 ``[{"eval", "model", "metric", "points": [{"run_id", "finished_at", "mean", "ci95"}]}]``
 (oldest first).
 """
@@ -79,20 +80,34 @@ def build_suite_report(
         parts.append(
             section(f"{metric}: mean [95% CI]", heat_map(cells, metric), anchor=f"m-{metric}")
         )
+    compared = any(c.get("verdict") for c in cells)
     runs = [
         (
             esc(c.get("eval")),
             esc(c.get("model")),
             f"<code>{esc(c.get('run_id'))}</code>",
             esc(c.get("status")),
+            *((_against_baseline(c),) if compared else ()),
         )
         for c in cells
     ]
-    parts.append(section("Cells", table(["eval", "model", "run", "status"], runs)))
+    headers = ["eval", "model", "run", "status", *(["against baseline"] if compared else [])]
+    parts.append(section("Cells", table(headers, runs)))
     if history:
         parts.append(section("History", _history(history), anchor="history"))
     parts.append('<p class="note">This page is self-contained: it needs no network.</p>')
     return page(f"suite {name}", "\n".join(parts))
+
+
+def _against_baseline(cell: dict[str, Any]) -> str:
+    """``Δ -0.0333 [-0.051, -0.016] regression vs <run>``, ``no baseline``, or empty."""
+    verdict = cell.get("verdict")
+    if not verdict or not cell.get("baseline"):
+        return esc(verdict or "")
+    delta, ci = cell.get("delta"), cell.get("delta_ci95") or [None, None]
+    text = f"Δ {'-' if delta is None else f'{delta:+.4f}'} [{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]"
+    tag = f"<b>{esc(verdict)}</b>" if verdict == "regression" else esc(verdict)
+    return f"{esc(text)} {tag} <small>vs <code>{esc(cell.get('baseline'))}</code></small>"
 
 
 def _history(history: list[dict[str, Any]]) -> str:

@@ -21,6 +21,7 @@ def test_deployments_share_definitions() -> None:
     suite = by_name.pop("evaluate-suite-nightly")
     assert suite["entrypoint"] == "flows/suite.py:evaluate_suite"
     assert (ROOT / suite["parameters"]["suite"]).exists()
+    assert suite["parameters"]["baseline"] == "previous"  # each cell against its night before
     (nightly,) = suite["schedules"]
     assert nightly["cron"] == "0 3 * * *" and nightly["timezone"] == "UTC"
     for deployment in by_name.values():

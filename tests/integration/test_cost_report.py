@@ -210,7 +210,7 @@ def test_cost_is_tokens_times_price_and_a_rerun_saved_all_of_it(priced_run: Pric
     # Without prices the test model is unknown: cost null everywhere, never $0.
     def unpriced(data: dict[str, Any]) -> None:
         data["model"].pop("pricing")
-        data["metrics"] = data["metrics"][:1]  # drop the (priced) judge, and re-aggregate
+        data["metrics"] = data["metrics"][:1]  # drop the (priced) judge too
 
     edit_spec(spec, unpriced)
     plain = cli("run", str(spec))
@@ -220,3 +220,39 @@ def test_cost_is_tokens_times_price_and_a_rerun_saved_all_of_it(priced_run: Pric
     assert pq.read_table(run / "results.parquet").column("cost_usd").null_count == N_ITEMS
     assert "cost unknown: no price for test-model" in " ".join(plain.stdout.split())
     assert "$0.00" not in plain.stdout
+
+
+@pytest.mark.slow
+def test_a_price_edit_alone_recomputes_the_cost_from_stored_tokens(
+    run_cli: Any, llm_server: TestServer, tmp_path: Path
+) -> None:
+    """Prices are in no key: the same run, no request, and a cost at the new price."""
+    spec = write_spec(tmp_path, base_url=llm_server.url, n_items=30, model={"pricing": PRICE})
+    first = run_cli("run", str(spec), "-q")
+    assert first.returncode == 0, first.stdout + first.stderr
+    (run,) = (tmp_path / "runs" / "runs").iterdir()
+    old = json.loads((run / "metrics.json").read_text())["cost"]
+    assert old["usd"] == pytest.approx(expected_cost(pq.read_table(run / "results.parquet"), PRICE))
+
+    new_price = {"prompt_per_mtok": 2500.0, "completion_per_mtok": 100.0}
+    edit_spec(spec, lambda d: d["model"].update(pricing=new_price))
+    llm_server.reset()
+    again = run_cli("run", str(spec), "-q")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert llm_server.stats()["requests"] == 0  # nothing sent: every answer is stored
+    assert [p.name for p in (tmp_path / "runs" / "runs").iterdir()] == [run.name]  # same run
+    cost = json.loads((run / "metrics.json").read_text())["cost"]
+    results = pq.read_table(run / "results.parquet")
+    expected = expected_cost(results, new_price)  # the stored tokens × the new price
+    assert round(expected, 2) != round(old["usd"], 2)
+    assert round(cost["usd"], 2) == round(expected, 2)
+    assert cost["usd"] == pytest.approx(expected, abs=1e-6)
+    assert cost["saved_usd"] == pytest.approx(cost["usd"], abs=1e-9)  # all from storage
+    assert cost["parts"][0]["price"]["prompt_per_mtok"] == new_price["prompt_per_mtok"]
+    for row in results.select(["prompt_tokens", "completion_tokens", "cost_usd"]).to_pylist():
+        by_hand = (row["prompt_tokens"] * 2500 + row["completion_tokens"] * 100) / 1e6
+        assert row["cost_usd"] == pytest.approx(by_hand, abs=1e-12)
+
+    # Now current: the next run is answered from storage.
+    third = run_cli("run", str(spec), "-q")
+    assert third.returncode == 0 and "answered from storage" in third.stderr, third.stderr

@@ -8,7 +8,6 @@ only what it misses, and two cells on one endpoint never exceed the smaller limi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from shardeval.testing.server import ServerConfig, TestServer
+from shardeval.testing.server import TestServer
 from shardeval.testing.server_stats import prompt_key
 from tests.helpers.specs import arith_items, write_jsonl
 from tests.helpers.suites import write_suite
@@ -24,16 +23,6 @@ from tests.helpers.suites import write_suite
 pytestmark = pytest.mark.slow
 
 IGNORED_COLUMNS = {"latency_s"}
-
-
-@pytest.fixture
-def second_server() -> Iterator[TestServer]:
-    """Another endpoint (to take down while the first stays up)."""
-    server = TestServer.start_in_thread(ServerConfig(latency_min=0.005, latency_max=0.01))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def suite_record(output: Path) -> dict[str, Any]:

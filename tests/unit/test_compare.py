@@ -277,3 +277,50 @@ def test_find_baseline_previous_tag_and_run_id(tmp_path: Path) -> None:
     assert find_baseline(out, "arith", "n3", "tag:baseline") == "n1"
     assert find_baseline(out, "arith", "n3", "tag:gold") is None
     assert find_baseline(out, "arith", "n3", "n1") == "n1"
+
+
+def test_a_cells_baseline_is_its_own_models_earlier_run(tmp_path: Path) -> None:
+    """With a model fingerprint, ``previous`` and ``tag:T`` skip other models' runs of the eval."""
+    from shardeval.history import find_baseline
+
+    def fingerprint(model: str, temperature: float = 0.0) -> dict[str, object]:
+        params = {"temperature": temperature}
+        return {"provider": "openai", "model": model, "revision": "", "params": params}
+
+    runs = [
+        ("a1", "2026-11-01T01:00:00+00:00", fingerprint("m-a")),
+        ("b1", "2026-11-01T02:00:00+00:00", fingerprint("m-b")),
+        ("hot", "2026-11-01T03:00:00+00:00", fingerprint("m-a", temperature=0.7)),
+        ("a2", "2026-11-02T01:00:00+00:00", fingerprint("m-a")),
+        ("b2", "2026-11-02T02:00:00+00:00", fingerprint("m-b")),
+    ]
+    for run_id, finished, model in runs:
+        store = RunStore(str(tmp_path), run_id)
+        named = {k: model[k] for k in ("provider", "model", "revision")}
+        store.write_json(store.metrics_path, {**metrics_json(run_id, finished), "model": named})
+        store.write_json(store.spec_path, {"run_id": run_id, "model_fingerprint": model})
+    RunStore(str(tmp_path), "a1").write_json(
+        RunStore(str(tmp_path), "a1").path("tags.json"), ["gold"]
+    )
+    out = str(tmp_path)
+    assert find_baseline(out, "arith", "a2") == "hot"  # a single run: any model of the eval
+    assert find_baseline(out, "arith", "a2", model=fingerprint("m-a")) == "a1"
+    assert find_baseline(out, "arith", "b2", model=fingerprint("m-b")) == "b1"  # not a2
+    assert find_baseline(out, "arith", "a1", model=fingerprint("m-a")) is None
+    assert find_baseline(out, "arith", "a2", model=fingerprint("m-a", 0.7)) == "hot"
+    assert find_baseline(out, "arith", "b2", "tag:gold", model=fingerprint("m-b")) is None
+    assert find_baseline(out, "arith", "a2", "tag:gold", model=fingerprint("m-a")) == "a1"
+
+
+def test_a_suite_refuses_a_run_id_as_every_cells_baseline(tmp_path: Path) -> None:
+    from shardeval.baseline import check_suite_selector
+    from shardeval.errors import EXIT_USAGE, SpecError
+    from shardeval.suite_session import SuiteSession
+    from tests.helpers.suites import write_suite
+
+    assert check_suite_selector("previous") == "previous"
+    assert check_suite_selector("tag:nightly") == "tag:nightly"
+    with pytest.raises(SpecError, match="a suite compares every cell") as refused:
+        SuiteSession.prepare(write_suite(tmp_path, evals=1, n_items=3), baseline="arith-1a2b")
+    assert refused.value.exit_code == EXIT_USAGE
+    assert "previous or --baseline tag:NAME" in str(refused.value.hint)

@@ -62,6 +62,30 @@ def test_a_session_runs_and_a_second_one_is_answered_from_storage(tmp_path: Path
     assert RunSession.prepare(str(spec), retry_failed=True).answer_from_storage() is None
 
 
+def test_a_price_edit_keeps_the_run_and_its_keys_but_not_its_cost(tmp_path: Path) -> None:
+    """Prices are in no key; metrics.json's cost says which prices it used (re-finalized)."""
+
+    def priced(prompt: float) -> RunSession:
+        pricing = {"prompt_per_mtok": prompt, "completion_per_mtok": 1.0}
+        out = str(tmp_path / "out")
+        return RunSession.prepare(
+            str(write_spec(tmp_path, n_items=6, output=out, model={"pricing": pricing}))
+        )
+
+    session = priced(1.0)
+    run_without_prefect(session)
+    assert priced(1.0).answer_from_storage() is not None
+    edited = priced(2.0)
+    assert (edited.run_id, [b.key for b in edited.plan.batches]) == (
+        session.run_id,
+        [b.key for b in session.plan.batches],
+    )
+    assert edited.answer_from_storage() is None  # the stored cost is at the old price
+    summary = run_without_prefect(edited)
+    assert summary["cost"]["parts"][0]["price"]["prompt_per_mtok"] == 2.0
+    assert priced(2.0).answer_from_storage() is not None
+
+
 def test_run_id_does_not_depend_on_where_the_project_is(tmp_path: Path) -> None:
     one = tmp_path / "one"
     one.mkdir()
