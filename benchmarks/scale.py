@@ -131,7 +131,7 @@ def run_baseline(spec_path: str, output: str) -> None:
     import concurrent.futures
     import resource
 
-    from shardeval.engine import engine_for
+    from shardeval.engines import engine_for
     from shardeval.runner import run_batch
     from shardeval.session import RunSession
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+from shardeval.errors import EndpointUnreachable, ProviderError
+from shardeval.spec import ModelSpec
+
 BREAKER_FAILURES = 3
 """Connection failures in a row (with ``model.unreachable_after_s`` since the last answer)
 that open the breaker; the time condition is the one that matters in practice."""
@@ -57,3 +60,14 @@ class Breaker:
     def silent_for(self) -> float:
         """Seconds since the endpoint last answered (or first failed to, if it never did)."""
         return 0.0 if self.last_answer is None else time.monotonic() - self.last_answer
+
+    def unreachable(self, model: ModelSpec, field: str, exc: ProviderError) -> EndpointUnreachable:
+        """The error that stops the run once the breaker opened (``field``: where ``model`` is)."""
+        base_url = model.base_url or "https://api.openai.com/v1"
+        return EndpointUnreachable(
+            f"the endpoint at {base_url} is unreachable: {self.in_a_row} requests in "
+            f"a row failed to connect over {self.silent_for():.0f} s (last: "
+            f"{exc.message}); stopped sending, finished items are saved",
+            hint=f"check that the server at {field}.base_url is up, then run the same "
+            "command again to send only what is missing",
+        )

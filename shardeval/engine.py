@@ -2,57 +2,38 @@
 
 Prefect runs each batch task in its own worker thread. If every batch opened its own client
 and limit, ``concurrency: 16`` would mean 16 per batch, and connections would not be reused.
-Instead each process keeps one :class:`Engine` per run: a daemon thread running an asyncio
-loop that owns the provider (one aiohttp session) and one semaphore. Batches hand requests to
-it with :meth:`Engine.submit` and wait on ordinary futures.
+Instead each process keeps one :class:`Engine` per run (:mod:`shardeval.engines`): a daemon
+thread running an asyncio loop that owns the provider (one aiohttp session) and the slots.
+A batch hands over all its requests at once (:meth:`Engine.submit_batch`) and gets each
+outcome through a callback; identical requests are sent once (:mod:`shardeval.answers`).
 
-Retries (tenacity) use exponential backoff with jitter and honour ``Retry-After``; a 429 with
-``Retry-After`` pauses *all* new attempts of the run until then, because in a rate-limit storm
-every other request would only earn another 429.
-
-Two failures stop the whole run instead of being paid for item by item (see
-:class:`Breaker` and :meth:`Engine.stop_run`): an endpoint that stops answering altogether
-(every request failing to connect for ``model.unreachable_after_s``: exit 1, resumable) and a
-401/403 (the key is missing or wrong: exit 2, naming the variable). Neither is stored as a
-row, so the same command sends those items once the endpoint or the key is back.
-
-``model.prefect_limit: NAME`` adds a limit across processes (Dask workers, several flow runs,
-several machines): with a Prefect server, every request also takes a slot of the server's
-global concurrency limit ``NAME`` while it is in flight, or, when that limit has a slot decay
-(``prefect gcl create NAME --limit 10 --slot-decay-per-second 2``), one token of it as a rate
-limit. Without a server (ephemeral mode) there is nothing to share, and only
-``model.concurrency`` applies (a warning says so once). See :mod:`shardeval.prefect_limit` and
-docs/distributed.md.
+Retries (:mod:`shardeval.retrying`) back off exponentially and honour ``Retry-After``; a 429
+with ``Retry-After`` pauses *all* new attempts of the run until then, because in a
+rate-limit storm every other request would only earn another 429. Two failures stop the
+whole run instead of being paid for item by item (:meth:`Engine.stop_run`): an endpoint that
+stops answering (:class:`~shardeval.breaker.Breaker`: exit 1, resumable) and a 401/403 (the
+key is missing or wrong: exit 2, naming the variable); neither is stored as a row.
+``model.prefect_limit`` adds a limit across processes (:mod:`shardeval.prefect_limit`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import contextlib
 import functools
-import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
-
 from shardeval import budget, endpoint_limits, interrupt
+from shardeval.answers import Answer, SharedAnswers, outcome_of
 from shardeval.breaker import Breaker
 from shardeval.errors import (
     ConnectionFailedError,
     EndpointError,
-    EndpointUnreachable,
     PermanentProviderError,
     ProviderError,
     ShardevalError,
@@ -61,74 +42,11 @@ from shardeval.errors import (
 from shardeval.outcome import Outcome
 from shardeval.prefect_limit import PrefectLimit, loop_runner, prefect_limit_mode
 from shardeval.providers.base import Provider, ProviderRequest, create_provider
+from shardeval.retrying import Tries, first_retry_delay, retry_loop
 from shardeval.slots import PrioritySlots
 from shardeval.spec import ModelSpec
 
-MAX_BACKOFF_S = 60.0
 AUTH_STATUSES = frozenset({401, 403})
-
-
-def _error_kind(exc: ProviderError) -> str:
-    if exc.status is not None:
-        return f"http_{exc.status}"
-    return "transient" if isinstance(exc, TransientProviderError) else "error"
-
-
-class _Tries:
-    """How many times one request was sent (its attempts, over retries)."""
-
-    __slots__ = ("sent",)
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-
-def _first_retry_delay(exc: TransientProviderError) -> float:
-    """The wait after a first failure: ``Retry-After`` if given, else 0.5 s plus up to 1 s.
-
-    tenacity's ``wait_exponential_jitter(initial=0.5)`` at attempt 1, which the retry loop
-    (entered only after that failure) cannot compute for itself.
-    """
-    if exc.retry_after is not None:
-        return min(MAX_BACKOFF_S, max(float(exc.retry_after), 0.0))
-    return 0.5 + random.uniform(0, 1)
-
-
-def _honouring_retry_after(
-    base: Callable[[RetryCallState], float],
-) -> Callable[[RetryCallState], float]:
-    """Wait ``base`` between attempts, or the server's ``Retry-After`` when it gave one."""
-
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            return min(MAX_BACKOFF_S, max(float(retry_after), 0.0))
-        return float(base(state))
-
-    return wait
-
-
-class _Answer:
-    """One distinct request of the run: the rows waiting for it, and its kept outcome."""
-
-    __slots__ = ("keep", "on_done", "outcome")
-
-    def __init__(self, on_done: Callable[[Outcome], None], keep: bool) -> None:
-        self.on_done = [on_done]
-        self.keep = keep
-        """Whether to keep the final outcome for rows that ask later (other batches)."""
-        self.outcome: Outcome | None = None
-
-
-def _outcome_of(key: str, task: asyncio.Future[Outcome]) -> Outcome:
-    """A finished request's outcome (a stop that abandoned it: ``cancelled``)."""
-    if task.cancelled():
-        return Outcome(key=key, status="cancelled", error="stopped by a signal")
-    error = task.exception()
-    if error is not None:  # pragma: no cover - _run returns every failure
-        return Outcome(key=key, status="transient", error=f"{type(error).__name__}: {error}")
-    return task.result()
 
 
 class Engine:
@@ -153,9 +71,7 @@ class Engine:
         )
         self._thread.start()
         self._inflight: set[asyncio.Task[Outcome]] = set()
-        self._answers: dict[str, _Answer] = {}
-        """Item key → its request (queued, in flight, or answered for a key other batches
-        hold too)."""
+        self._answers = SharedAnswers()
         self._closed = False
         self._paused_until = 0.0
         self._provider: Provider = self._call(self._setup()).result()
@@ -222,21 +138,14 @@ class Engine:
     ) -> None:
         """Queue each request for a slot (lowest batch and position first), once per key."""
         for position, request in enumerate(requests):
-            key = request.key
-            answer = self._answers.get(key)
-            if answer is None:
-                answer = self._answers[key] = _Answer(on_done, key in shared)
+            answer = self._answers.ask(request.key, on_done, request.key in shared)
+            if answer is not None:  # the first row to ask: send it
                 priority = (batch, position)
                 self._slots.start_when_free(
                     priority, functools.partial(self._start, request, priority, answer)
                 )
-            elif answer.outcome is not None:  # answered for another row: serves this one too
-                on_done(answer.outcome)
-            else:  # the same request, in flight or queued for another row: wait for it
-                answer.on_done.append(on_done)
-                answer.keep = answer.keep or key in shared
 
-    def _start(self, request: ProviderRequest, priority: tuple[int, int], answer: _Answer) -> None:
+    def _start(self, request: ProviderRequest, priority: tuple[int, int], answer: Answer) -> None:
         """Start a request that now holds a slot: a task, tracked so a stop can abandon it.
 
         No task exists for a request until it gets its slot, so a batch of thousands queued
@@ -249,20 +158,14 @@ class Engine:
         self._inflight.add(task)
         task.add_done_callback(functools.partial(self._settle, request.key, answer))
 
-    def _settle(self, key: str, answer: _Answer, task: asyncio.Future[Outcome] | None) -> None:
-        """A request ended: deliver it to every row that asked; keep it if others will ask."""
+    def _settle(self, key: str, answer: Answer, task: asyncio.Future[Outcome] | None) -> None:
+        """A request ended (None: never started, the engine closed): deliver it."""
         if task is None:
             outcome = Outcome(key=key, status="cancelled", error="engine closed")
         else:
             self._inflight.discard(task)
-            outcome = _outcome_of(key, task)
-        if answer.keep and outcome.is_final:
-            answer.outcome = outcome
-        elif self._answers.get(key) is answer:
-            del self._answers[key]
-        waiting, answer.on_done = answer.on_done, []
-        for on_done in waiting:
-            on_done(outcome)
+            outcome = outcome_of(key, task)
+        self._answers.settle(key, answer, outcome)
 
     async def _run(
         self, request: ProviderRequest, priority: tuple[int, int], *, holding: bool = False
@@ -274,22 +177,15 @@ class Engine:
         and almost every request succeeds the first time. Only a request whose first attempt
         failed transiently enters tenacity's loop, which then waits and retries as before.
         """
-        tries = _Tries()
+        tries = Tries()
         try:
             return await self._attempt(request, priority, tries, holding=holding)
         except TransientProviderError as exc:
             failure = exc
         if self.model.max_retries < 1 or self.stop_error is not None:
             return self._transient(request, failure, tries)
-        await self._backoff(_first_retry_delay(failure))
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientProviderError),
-            stop=stop_after_attempt(self.model.max_retries),
-            # attempt n of this loop is the run's attempt n + 1: initial 1.0 = 0.5 · 2
-            wait=_honouring_retry_after(wait_exponential_jitter(initial=1.0, max=30.0)),
-            sleep=self._backoff,
-            reraise=True,
-        )
+        await self._backoff(first_retry_delay(failure))
+        retrying = retry_loop(self.model.max_retries, self._backoff)
         try:
             async for attempt in retrying:
                 with attempt:
@@ -302,7 +198,7 @@ class Engine:
         self,
         request: ProviderRequest,
         priority: tuple[int, int],
-        tries: _Tries,
+        tries: Tries,
         *,
         holding: bool = False,
     ) -> Outcome:
@@ -332,14 +228,14 @@ class Engine:
                 return await self._send(request, tries)
             # + one at a time while the endpoint is suspect, the Prefect limit across
             # processes, the endpoint's limit shared with other runs (suite cells)
-            async with self._gate(), self._global_slot(), endpoint_limits.slot(self.model):
+            async with self._gate(), self._prefect_slot(), endpoint_limits.slot(self.model):
                 if self.stop_error is not None:
                     return self._not_sent(request, tries.sent)
                 return await self._send(request, tries)
         finally:
             self._slots.release()
 
-    async def _send(self, request: ProviderRequest, tries: _Tries) -> Outcome:
+    async def _send(self, request: ProviderRequest, tries: Tries) -> Outcome:
         """Make the call and classify what came back (the breaker and a 429's pause learn)."""
         tries.sent += 1
         started = time.perf_counter()
@@ -347,7 +243,7 @@ class Engine:
             completion = await self._provider.complete(request)
         except ConnectionFailedError as exc:
             if self._breaker.connection_failed():
-                self.stop_run(self._unreachable(exc))
+                self.stop_run(self._breaker.unreachable(self.model, self.field, exc))
             raise
         except TransientProviderError as exc:
             self._breaker.answered()
@@ -360,15 +256,8 @@ class Engine:
                 # A configuration error, not this item's: never a row.
                 self.stop_run(self._auth_error(exc))
                 return self._not_sent(request, tries.sent, exc)
-            return Outcome(
-                key=request.key,
-                status="error",
-                error=exc.message,
-                error_kind=_error_kind(exc),
-                http_status=exc.status,
-                latency_s=time.perf_counter() - started,
-                attempts=tries.sent,
-                finished_at=time.time(),
+            return Outcome.failed(
+                request.key, "error", exc, tries.sent, latency_s=time.perf_counter() - started
             )
         self._breaker.answered()
         budget.charge(
@@ -387,20 +276,12 @@ class Engine:
         )
 
     def _transient(
-        self, request: ProviderRequest, exc: TransientProviderError, tries: _Tries
+        self, request: ProviderRequest, exc: TransientProviderError, tries: Tries
     ) -> Outcome:
         """Out of attempts (or stopped) on a passing failure: never stored, the rerun sends it."""
         if self.stop_error is not None:
             return self._not_sent(request, tries.sent, exc)
-        return Outcome(
-            key=request.key,
-            status="transient",
-            error=exc.message,
-            error_kind=_error_kind(exc),
-            http_status=exc.status,
-            attempts=tries.sent,
-            finished_at=time.time(),
-        )
+        return Outcome.failed(request.key, "transient", exc, tries.sent)
 
     def stop_run(self, error: ShardevalError) -> None:
         """Stop sending for this run, for ``error`` (the breaker opened, or a 401/403).
@@ -428,25 +309,16 @@ class Engine:
         self, request: ProviderRequest, attempts: int, exc: ProviderError | None = None
     ) -> Outcome:
         """A request the stopped run did not finish: transient, so it is never stored."""
+        if exc is not None:
+            return Outcome.failed(request.key, "transient", exc, attempts)
         error = self.stop_error
         return Outcome(
             key=request.key,
             status="transient",
-            error=exc.message if exc is not None else (error.message if error else None),
-            error_kind=_error_kind(exc) if exc is not None else "not_sent",
-            http_status=exc.status if exc is not None else None,
+            error=error.message if error else None,
+            error_kind="not_sent",
             attempts=attempts,
             finished_at=time.time(),
-        )
-
-    def _unreachable(self, exc: ProviderError) -> EndpointUnreachable:
-        base_url = self.model.base_url or "https://api.openai.com/v1"
-        return EndpointUnreachable(
-            f"the endpoint at {base_url} is unreachable: {self._breaker.in_a_row} requests in "
-            f"a row failed to connect over {self._breaker.silent_for():.0f} s (last: "
-            f"{exc.message}); stopped sending, finished items are saved",
-            hint=f"check that the server at {self.field}.base_url is up, then run the same "
-            "command again to send only what is missing",
         )
 
     def _auth_error(self, exc: ProviderError) -> ShardevalError:
@@ -473,25 +345,10 @@ class Engine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
 
-    @contextlib.asynccontextmanager
-    async def _global_slot(self) -> AsyncIterator[None]:
-        """Hold a slot of the Prefect limit ``model.prefect_limit`` (if any) for one request.
-
-        A failure to talk to the Prefect server is transient: the request is retried like a
-        5xx and never stored as final.
-        """
+    def _prefect_slot(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """A slot of the Prefect limit ``model.prefect_limit`` for one request (if any)."""
         limit = self._prefect_limit
-        if limit is None:
-            yield
-            return
-        try:
-            lease = await limit.acquire()
-        except Exception as exc:
-            raise TransientProviderError(f"prefect_limit {limit.name!r}: {exc}") from exc
-        try:
-            yield
-        finally:
-            limit.release(lease)
+        return contextlib.nullcontext() if limit is None else limit.slot()
 
     async def _respect_pause(self) -> None:
         """Wait out a 429's ``Retry-After`` (it pauses every new attempt of the run)."""
@@ -556,60 +413,3 @@ class Engine:
             self._call(shutdown()).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
-
-
-_engines: dict[tuple[str, str], Engine] = {}
-_engines_lock = threading.Lock()
-
-
-def engine_for(run_id: str, model: ModelSpec) -> Engine:
-    """The engine of a run in this process, created on first use.
-
-    Keyed by run id and the model's whole spec (including endpoint and concurrency), so every
-    batch of a run shares one limit, and a Dask worker process builds its own on demand.
-    """
-    key = (run_id, model.model_dump_json())
-    with _engines_lock:
-        engine = _engines.get(key)
-        if engine is None:
-            judge = run_id.split("/judges/", 1)[1] if "/judges/" in run_id else None
-            field = "model" if judge is None else f"metric {judge!r}: model"
-            engine = _engines[key] = Engine(model, field=field, run_id=run_id)
-    interrupt.handle_signals_in_dask_worker()
-    return engine
-
-
-def run_stopped(run_id: str | None = None) -> bool:
-    """Whether an engine of ``run_id`` (or any, with None) in this process stopped its run."""
-    with _engines_lock:
-        engines = [
-            e
-            for (r, _), e in _engines.items()
-            if run_id is None or r == run_id or r.startswith(run_id + "/")
-        ]
-    return any(e.stop_error is not None for e in engines)
-
-
-def stop_error(run_id: str) -> ShardevalError | None:
-    """The error that stopped ``run_id`` (its model's or a judge's engine), if any."""
-    with _engines_lock:
-        engines = [e for (r, _), e in _engines.items() if r == run_id or r.startswith(run_id + "/")]
-    for engine in engines:
-        if engine.stop_error is not None:
-            error = engine.stop_error
-            return type(error)(error.message, hint=error.hint)
-    return None
-
-
-def close_engines(run_id: str | None = None) -> None:
-    """Close the engines of one run, its judges included (or all of them)."""
-    with _engines_lock:
-        keys = [
-            k for k in _engines if run_id is None or k[0] == run_id or k[0].startswith(run_id + "/")
-        ]
-        engines = [_engines.pop(k) for k in keys]
-    for engine in engines:
-        engine.close()
-
-
-atexit.register(close_engines)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
+
+from shardeval.errors import ProviderError, TransientProviderError
 
 OutcomeStatus = Literal["ok", "error", "transient", "cancelled"]
 
@@ -34,3 +37,32 @@ class Outcome:
     def is_final(self) -> bool:
         """Whether the outcome may be stored (transient and cancelled ones are retried later)."""
         return self.status in ("ok", "error")
+
+    @classmethod
+    def failed(
+        cls,
+        key: str,
+        status: OutcomeStatus,
+        exc: ProviderError,
+        attempts: int,
+        *,
+        latency_s: float | None = None,
+    ) -> Outcome:
+        """A request that ended on ``exc`` (``error``: stored as a row; ``transient``: not)."""
+        return cls(
+            key=key,
+            status=status,
+            error=exc.message,
+            error_kind=error_kind(exc),
+            http_status=exc.status,
+            latency_s=latency_s,
+            attempts=attempts,
+            finished_at=time.time(),
+        )
+
+
+def error_kind(exc: ProviderError) -> str:
+    """The ``error_kind`` column: ``http_<status>``, else transient or error."""
+    if exc.status is not None:
+        return f"http_{exc.status}"
+    return "transient" if isinstance(exc, TransientProviderError) else "error"

@@ -22,10 +22,10 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from shardeval.errors import SpecError
+from shardeval.errors import SpecError, TransientProviderError
 from shardeval.spec import ModelSpec
 
 LimitMode = Literal["concurrency", "rate_limit"]
@@ -77,6 +77,22 @@ class PrefectLimit:
             await client.__aenter__()
             self._client = client
         return self._client
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold a slot (or take a token) for one request.
+
+        A failure to talk to the Prefect server is transient: the request is retried like a
+        5xx and never stored as final.
+        """
+        try:
+            lease = await self.acquire()
+        except Exception as exc:
+            raise TransientProviderError(f"prefect_limit {self.name!r}: {exc}") from exc
+        try:
+            yield
+        finally:
+            self.release(lease)
 
     async def acquire(self) -> Any:
         """A lease id to hold while one request is in flight (None for a rate-limit token)."""

@@ -30,7 +30,7 @@ from shardeval import __version__, interrupt
 from shardeval.batch_requests import PlanRequests, batch_shared, duplicate_keys
 from shardeval.budget import close_budget, open_budget, stored_spend
 from shardeval.cost import part_prices
-from shardeval.engine import close_engines, stop_error
+from shardeval.engines import close_engines, stop_error
 from shardeval.errors import RunIncomplete
 from shardeval.finality import summary_has_auth_errors
 from shardeval.finalize import Finalized, finalize, is_current, keep_history

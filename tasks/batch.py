@@ -37,7 +37,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import task_run
 
-from shardeval.engine import close_engines, engine_for, run_stopped
+from shardeval.engines import close_engines, engine_for, run_stopped
 from shardeval.errors import SpecError
 from shardeval.progress import forget
 from shardeval.runner import BatchIncomplete, BatchWork, RunRef, run_batch

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from shardeval.engine import close_engines
+from shardeval.engines import close_engines
 from shardeval.overrides import resolve_spec
 from shardeval.runner import RunRef
 from shardeval.storage import RunStore

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shardeval.engine import close_engines, engine_for
+from shardeval.engines import close_engines, engine_for
 from shardeval.overrides import resolve_spec
 from shardeval.progress import forget, progress_for
 from shardeval.runner import BatchIncomplete, BatchPointer, BatchWork, RunRef, run_batch

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardeval.engine import close_engines, engine_for
+from shardeval.engines import close_engines, engine_for
 from shardeval.finality import is_final, summary_has_auth_errors
 from shardeval.finalize import finalize
 from shardeval.overrides import resolve_spec

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shardeval.engine import close_engines, engine_for
+from shardeval.engines import close_engines, engine_for
 from shardeval.errors import SpecError
 from shardeval.finalize import finalize
 from shardeval.hashing import legacy_run_id
