@@ -45,9 +45,16 @@ def available() -> bool:
 
 
 def _figure(width: float, height: float) -> Any:
+    """A figure with fixed margins for one axes with a title and both labels.
+
+    Not ``layout="constrained"``: its solver measured every text twice per plot, a third of
+    the report's time at the end of every run, for plots whose layout never changes.
+    """
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.2, top=0.88)
+    return fig
 
 
 def _svg(fig: Any, prefix: str) -> str:
