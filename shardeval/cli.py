@@ -20,6 +20,7 @@ from rich.markup import escape
 from shardeval.commands import register_all
 from shardeval.display import err_console
 from shardeval.errors import EXIT_INTERRUPTED, RunInterrupted, ShardevalError
+from shardeval.fast_exit import exit_now
 from shardeval.run_console import print_log_location
 
 try:  # typer >= 0.29 vendors click: its usage errors are not click's own exception classes
@@ -40,7 +41,18 @@ register_all(app)
 
 
 def main() -> None:
-    """Entry point: user errors print a clean message and exit 2/1, Ctrl-C exits 130."""
+    """Entry point: user errors print a clean message and exit 2/1, Ctrl-C exits 130.
+
+    The process then ends at once (:func:`shardeval.fast_exit.exit_now`).
+    """
+    try:
+        _run_app()
+    except SystemExit as exc:
+        exit_now(exc.code)
+    exit_now(0)
+
+
+def _run_app() -> None:
     try:
         app(standalone_mode=False)
     except ShardevalError as exc:

@@ -6,6 +6,7 @@ actually needs Prefect, so validation and "answered from storage" stay Prefect-f
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -25,6 +26,21 @@ def quiet_prefect(verbose: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def flow_settings() -> contextlib.AbstractContextManager[Any]:
+    """Prefect settings for a flow this process runs itself (the CLI, ``shardeval.run``).
+
+    Flow-run heartbeats are turned off unless the user set their frequency: at the end of a
+    run Prefect joins its heartbeat thread, which sleeps in whole seconds (0.5-1 s added to
+    every run), and a flow run in this process needs no heartbeat to be seen as alive (the
+    command is the one watching it). Deployment runs (a worker's) keep them.
+    """
+    from prefect.settings import get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={"flows.heartbeat_frequency": None})
 
 
 def start_prefect(show: bool) -> None:
@@ -71,13 +87,14 @@ def run_evaluate(
 
         flow_fn = evaluate.with_options(task_runner=make_task_runner(task_runner, dask_address))
     start_prefect(show)
-    summary: dict[str, Any] = flow_fn(
-        spec=session,
-        output=session.store.output,
-        run_id=session.run_id,
-        wait=wait,
-        task_runner=task_runner,
-        dask_address=dask_address,
-        baseline=baseline,
-    )
+    with flow_settings():
+        summary: dict[str, Any] = flow_fn(
+            spec=session,
+            output=session.store.output,
+            run_id=session.run_id,
+            wait=wait,
+            task_runner=task_runner,
+            dask_address=dask_address,
+            baseline=baseline,
+        )
     return summary

@@ -83,11 +83,11 @@ def run_suite(
     with spinner("Loading Prefect...", enabled=show):
         from flows.suite import evaluate_suite
     route_prefect_logs(suite.store, verbose)
-    from shardeval.launch import start_prefect
+    from shardeval.launch import flow_settings, start_prefect
 
     start_prefect(show)
     try:
-        with suite_progress(suite, enabled=not quiet):
+        with suite_progress(suite, enabled=not quiet), flow_settings():
             evaluate_suite(suite=suite, wait=wait)
     except ShardevalError:
         _print_result(suite, time.monotonic() - started)

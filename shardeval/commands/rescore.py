@@ -39,7 +39,7 @@ def rescore(
     started = time.monotonic()
     configure_logging(verbose)
     from shardeval.catalog import resolve_output
-    from shardeval.launch import start_prefect
+    from shardeval.launch import flow_settings, start_prefect
     from shardeval.rescore import prepare_rescore
 
     source = spec_source(spec) if spec else None
@@ -50,7 +50,8 @@ def rescore(
         from flows.rescore import rescore as rescore_flow
     route_prefect_logs(job.store, verbose)
     start_prefect(show)
-    summary = rescore_flow(run_id=run_id, spec=source, output=output, wait=wait)
+    with flow_settings():
+        summary = rescore_flow(run_id=run_id, spec=source, output=output, wait=wait)
     print_summary(
         summary,
         wall_s=time.monotonic() - started,
