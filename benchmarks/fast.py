@@ -13,7 +13,11 @@ summary per concurrency: the median ratio shardeval / bare (1.0 = as fast as the
 ``--latency 0.1 --items 6000 --batch-size 200 --concurrency 64`` that is issue 12's second
 target (<= 1.15).
 The machine's load average is printed with every figure: the ratios, not the absolute
-times, are what compares across loads.
+times, are what compares across loads. On a loaded machine the request phases swing with
+the load (the bare client too), so each line also gives the CPU each process spent per
+request at the margin (its CPU time minus that of the same command over one item, divided
+by the items): ``cpu_ratio`` = shardeval's / the bare client's, a figure the load moves
+much less.
 
     python benchmarks/fast.py [--items 20000] [--latency 0.001] [--concurrency 64,256]
                               [--batch-size 500] [--repeats 2] [--prefect-api URL]
@@ -30,6 +34,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,10 +78,16 @@ async def _bare(url: str, items_path: Path, concurrency: int) -> None:
         await asyncio.gather(*(one(item) for item in items))
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this script's finished subprocesses so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def bare_run(server: TestServer, items_path: Path, concurrency: int) -> dict[str, Any]:
-    """The bare client in a subprocess of its own (like the CLI); its request phase."""
+    """The bare client in a subprocess of its own (like the CLI); its request phase and CPU."""
     server.reset()
-    started = time.time()
+    started, cpu = time.time(), children_cpu_s()
     subprocess.run(
         [sys.executable, __file__, "--bare", server.url, str(items_path), str(concurrency)],
         check=True,
@@ -85,9 +96,19 @@ def bare_run(server: TestServer, items_path: Path, concurrency: int) -> dict[str
     first, last = stats["first_request_at"], stats["last_completion_at"]
     return {
         "wall_s": time.time() - started,
+        "cpu_s": children_cpu_s() - cpu,
         "request_phase_s": last - first,
         "requests": stats["requests"],
     }
+
+
+def cpu_of_run(
+    spec: Path, server: TestServer, env: dict[str, str], *extra_args: str
+) -> dict[str, Any]:
+    """:func:`timed_run` plus the CPU seconds the ``shardeval run`` process spent."""
+    cpu = children_cpu_s()
+    result = timed_run(spec, server, env, *extra_args)
+    return {**result, "cpu_s": children_cpu_s() - cpu}
 
 
 def main() -> None:
@@ -123,6 +144,24 @@ def main() -> None:
     )
     try:
         for concurrency in (int(c) for c in args.concurrency.split(",")):
+            # The fixed CPU of each command (start-up, Prefect, finalizing): one item.
+            one = work / f"c{concurrency}-one"
+            one_spec = write_spec(
+                one,
+                base_url=server.url,
+                items=arith_items(1, seed=1),
+                name="fast-one",
+                batch_size=args.batch_size,
+                model={"concurrency": concurrency, "max_retries": 2},
+            )
+            one_env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api}
+            one_env["PREFECT_HOME"] = str(one / "prefect-home")
+            bare_fixed = bare_run(server, one / "items.jsonl", concurrency)["cpu_s"]
+            ours_fixed = cpu_of_run(one_spec, server, one_env)["cpu_s"]
+            also_env = {**one_env, "PYTHONPATH": args.also or ""}
+            also_fixed = 0.0
+            if args.also:
+                also_fixed = cpu_of_run(one_spec, server, also_env, "--fresh")["cpu_s"]
             ratios = []
             for repeat in range(args.repeats):
                 directory = work / f"c{concurrency}-{repeat}"
@@ -137,13 +176,19 @@ def main() -> None:
                 env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api}
                 env["PREFECT_HOME"] = str(directory / "prefect-home")
                 bare = bare_run(server, directory / "items.jsonl", concurrency)
-                ours = timed_run(spec, server, env)
+                ours = cpu_of_run(spec, server, env)
                 ratio = ours["request_phase_s"] / bare["request_phase_s"]
+                bare_cpu_ms = 1000 * (bare["cpu_s"] - bare_fixed) / args.items
+                ours_cpu_ms = 1000 * (ours["cpu_s"] - ours_fixed) / args.items
                 ratios.append(ratio)
                 other: dict[str, Any] = {}
                 if args.also:
+                    cpu = children_cpu_s()
                     theirs = timed_run(spec, server, {**env, "PYTHONPATH": args.also}, "--fresh")
+                    also_cpu_ms = 1000 * (children_cpu_s() - cpu - also_fixed) / args.items
                     other = {
+                        "also_cpu_ms_per_request": round(also_cpu_ms, 3),
+                        "also_cpu_ratio": round(also_cpu_ms / bare_cpu_ms, 2),
                         "also_req_per_s": round(args.items / theirs["request_phase_s"]),
                         "also_ratio": round(theirs["request_phase_s"] / bare["request_phase_s"], 2),
                     }
@@ -156,6 +201,9 @@ def main() -> None:
                             "shardeval_req_per_s": round(args.items / ours["request_phase_s"]),
                             "shardeval_requests": ours["requests"],
                             "ratio": round(ratio, 2),
+                            "bare_cpu_ms_per_request": round(bare_cpu_ms, 3),
+                            "shardeval_cpu_ms_per_request": round(ours_cpu_ms, 3),
+                            "cpu_ratio": round(ours_cpu_ms / bare_cpu_ms, 2),
                             "ideal_ratio": round(
                                 ours["request_phase_s"] / (args.items * args.latency / concurrency),
                                 2,
