@@ -36,6 +36,10 @@ The work is split by stage, each module with one job:
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
+from shardeval.answer_record import file_stat
 from shardeval.datasets.dataset import COLUMNS, SCHEMA, Dataset
 from shardeval.datasets.readers import READERS, Chunk, ReadPlan, Row
 from shardeval.datasets.source import (
@@ -93,6 +97,8 @@ def read_dataset(
     fmt = detect_format(url, spec.format)
     builder = TableBuilder(shown, spec.id_field, Locator(shown, fmt))
     plan = ReadPlan(shown, chunk_rows, limit)
+    source_path = None if "://" in url else os.path.abspath(url)
+    source_stat = None if source_path is None else file_stat(source_path)  # before reading
     with open_dataset_file(url, shown, dict(spec.storage_options)) as handle:
         try:
             for positions, rows in READERS[fmt](handle, plan):
@@ -106,4 +112,7 @@ def read_dataset(
             if error is None:
                 raise
             raise error from exc
-    return builder.finish()
+    dataset = builder.finish()
+    if source_stat is None:
+        return dataset
+    return dataclasses.replace(dataset, source_path=source_path, source_stat=source_stat)

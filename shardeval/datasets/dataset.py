@@ -33,12 +33,18 @@ class Dataset:
         fingerprint: Hex sha256 over every row's ``(item_id, item_json)`` in order: equal
             fingerprints mean the same items with the same ids in the same order.
         fields: Union of the top-level field names of all items.
+        source_path: The local file read (absolute), None for an fsspec URL.
+        source_stat: That file's ``[size, mtime_ns, ctime_ns, inode, device]``, taken before
+            it was read: a rerun whose file still has this stat need not read it again
+            (:mod:`shardeval.answer_record`); None for an fsspec URL.
     """
 
     url: str
     table: pa.Table
     fingerprint: str
     fields: frozenset[str]
+    source_path: str | None = None
+    source_stat: list[int] | None = None
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
