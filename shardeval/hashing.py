@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,6 +36,29 @@ Messages = Sequence[Mapping[str, str]]
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: the same data always gives the same text."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _make_canonical_encoder() -> Callable[[Any], str]:
+    """A faster :func:`canonical_json` for JSON data (rows, messages): same text, a third the cost.
+
+    ``json.dumps`` builds a ``JSONEncoder`` and then a C encoder on every call, which is most
+    of the time spent on a short row. This builds the C encoder once, with exactly the
+    arguments ``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    default=str)`` passes it, except that it skips the circular-reference check (parsed rows
+    cannot be circular, and a shared check table would outlive a failed call). Without the
+    C accelerator it is ``canonical_json`` itself.
+    test_datasets checks that both give the same text for awkward values.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has it
+        return canonical_json
+    encode = make(None, str, json.encoder.encode_basestring, None, ":", ",", True, False, True)
+    join = "".join
+    return lambda row: join(encode(row, 0))
+
+
+fast_canonical_json = _make_canonical_encoder()
+""":func:`canonical_json` of JSON data (no cycles): what item keys and dataset rows hash."""
 
 
 def digest(value: Any, length: int = KEY_HEX_CHARS) -> str:
@@ -63,8 +86,29 @@ def model_hash(model: ModelSpec) -> str:
 
 def item_key(model_digest: str, messages: Messages, trial: int) -> str:
     """Key of one request: the same model, messages and trial always give the same key."""
-    payload = f"{HASH_VERSION}\x1f{model_digest}\x1f{trial}\x1f{canonical_json(messages)}"
+    payload = f"{HASH_VERSION}\x1f{model_digest}\x1f{trial}\x1f{messages_json(messages)}"
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
+
+
+_encode_string = getattr(json.encoder, "c_encode_basestring", json.encoder.encode_basestring)
+
+
+def messages_json(messages: Messages) -> str:
+    """:func:`canonical_json` of chat messages, written directly for the usual shape.
+
+    Messages of exactly ``role`` and ``content`` strings (what prompts render) are joined
+    from their encoded strings, keys in sorted order, about six times faster than the general
+    encoder; anything else goes through it. test_hashing checks both give the same text.
+    """
+    parts = []
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            return fast_canonical_json(messages)
+        content, role = message.get("content"), message.get("role")
+        if type(content) is not str or type(role) is not str:
+            return fast_canonical_json(messages)
+        parts.append(f'{{"content":{_encode_string(content)},"role":{_encode_string(role)}}}')
+    return f"[{','.join(parts)}]"
 
 
 def batch_key(item_keys: Iterable[str]) -> str:

@@ -9,9 +9,7 @@ positions the way the format does.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,7 +19,7 @@ import pyarrow.compute as pc
 from shardeval.datasets.dataset import SCHEMA, Dataset
 from shardeval.datasets.readers import Row
 from shardeval.errors import DatasetError
-from shardeval.hashing import HASH_VERSION, KEY_HEX_CHARS, canonical_json
+from shardeval.hashing import HASH_VERSION, KEY_HEX_CHARS, canonical_json, fast_canonical_json
 
 _CONTENT_ID_CHARS = 16  # hashing.content_id's length; see _content_ids
 _MAX_DUPLICATES_SHOWN = 5
@@ -55,26 +53,7 @@ class Locator:
         return f"{noun}{', '.join(shown)}{more}"
 
 
-def _make_canonical_encoder() -> Callable[[Row], str]:
-    """A faster :func:`shardeval.hashing.canonical_json` for rows: same text, a third the cost.
-
-    ``json.dumps`` builds a ``JSONEncoder`` and then a C encoder on every call, which is most
-    of the time spent on a short row. This builds the C encoder once, with exactly the
-    arguments ``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-    default=str)`` passes it, except that it skips the circular-reference check (parsed rows
-    cannot be circular, and a shared check table would outlive a failed call). Without the
-    C accelerator it is ``canonical_json`` itself.
-    test_datasets checks that both give the same text for awkward values.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - CPython always has it
-        return canonical_json
-    encode = make(None, str, json.encoder.encode_basestring, None, ":", ",", True, False, True)
-    join = "".join
-    return lambda row: join(encode(row, 0))
-
-
-_canonical_row = _make_canonical_encoder()
+_canonical_row = fast_canonical_json  # a row is JSON data: parsed rows cannot be circular
 
 
 class TableBuilder:

@@ -2,8 +2,10 @@
 
 The callable receives ``(item, messages)`` and returns the response text (or a mapping with
 ``text`` and optional ``prompt_tokens``/``completion_tokens``). It may be ``async``. A sync
-callable runs in a worker thread so a slow one (a local model, a blocking client) never stalls
-the event loop that serves every other request. Raising
+callable runs in worker threads so a slow one (a local model, a blocking client) never stalls
+the event loop that serves every other request. The calls that arrive in one turn of the loop
+go to the threads together (:class:`_ThreadCalls`): one hand-over per group instead of two
+thread switches per call, which at a few microseconds per call were most of a run's time. Raising
 :class:`~shardeval.errors.TransientProviderError` asks for a retry; any other exception
 becomes an error row.
 """
@@ -11,7 +13,11 @@ becomes an error row.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import inspect
+import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +33,7 @@ class PythonProvider:
     def __init__(self, model: ModelSpec) -> None:
         self._function = self.load(model)
         self._is_async = inspect.iscoroutinefunction(self._function)
+        self._threads = _ThreadCalls(self._function)
 
     @staticmethod
     def load(model: ModelSpec) -> Callable[..., Any]:
@@ -52,9 +59,7 @@ class PythonProvider:
             if self._is_async:
                 result = await self._function(dict(request.item), list(request.messages))
             else:
-                result = await asyncio.to_thread(
-                    self._function, dict(request.item), list(request.messages)
-                )
+                result = await self._threads.call(dict(request.item), list(request.messages))
         except ProviderError:
             raise
         except Exception as exc:
@@ -63,6 +68,81 @@ class PythonProvider:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+class _ThreadCalls:
+    """Calls of a sync function on the loop's default executor, handed over in groups.
+
+    The calls queued while the loop runs its current callbacks are split into as many groups
+    as the executor has threads, each run by one thread, call after call. Finished calls go
+    back to the loop together, at most every :data:`DELIVER_EVERY_S`: a slow function's
+    answers still arrive one by one (and are journaled at once), as many run at a time as
+    before, while a fast one pays two thread switches per group instead of per call.
+    """
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self._function = function
+        self._groups = min(32, (os.cpu_count() or 1) + 4)  # the default executor's threads
+        self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+
+    async def call(self, *args: Any) -> Any:
+        """``function(*args)`` in a worker thread; raises what it raised."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._dispatch, loop)  # after the callbacks that queue more calls
+        # Each call runs in a copy of its caller's context, as with asyncio.to_thread.
+        self._queued.append(((contextvars.copy_context(), *args), future))
+        return await future
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        queued, self._queued = self._queued, []
+        size = -(-len(queued) // self._groups)
+        for start in range(0, len(queued), size):
+            group = queued[start : start + size]
+            running = loop.run_in_executor(None, self._run_group, loop, group)
+            running.add_done_callback(functools.partial(_fail_unsettled, group))
+
+    def _run_group(
+        self, loop: asyncio.AbstractEventLoop, group: list[tuple[tuple[Any, ...], _Future]]
+    ) -> None:
+        finished: list[tuple[_Future, bool, Any]] = []
+        delivered = time.monotonic()
+        for (context, *args), future in group:
+            try:
+                finished.append((future, True, context.run(self._function, *args)))
+            except BaseException as exc:  # the caller's await raises it, as with to_thread
+                finished.append((future, False, exc))
+            if time.monotonic() - delivered >= DELIVER_EVERY_S:
+                loop.call_soon_threadsafe(_settle, finished)
+                finished, delivered = [], time.monotonic()
+        if finished:
+            loop.call_soon_threadsafe(_settle, finished)
+
+
+_Future = asyncio.Future[Any]
+DELIVER_EVERY_S = 0.002
+
+
+def _settle(finished: list[tuple[_Future, bool, Any]]) -> None:
+    """Resolve finished calls' futures on the loop (a cancelled caller's is skipped)."""
+    for future, ok, value in finished:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _fail_unsettled(group: list[tuple[tuple[Any, ...], _Future]], running: _Future) -> None:
+    """A group the executor could not run (shut down): its callers get the error."""
+    if running.cancelled() or running.exception() is None:
+        return
+    error = running.exception()
+    for _, future in group:
+        if not future.done() and error is not None:
+            future.set_exception(error)
 
 
 def _to_completion(result: Any) -> Completion:

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from shardeval.hashing import batch_key, default_run_id, item_key, model_hash
+import hashlib
+from typing import Any
+
+import pytest
+
+from shardeval.hashing import (
+    HASH_VERSION,
+    batch_key,
+    canonical_json,
+    default_run_id,
+    item_key,
+    messages_json,
+    model_hash,
+)
 from shardeval.spec import EvalSpec, ModelSpec
 
 MESSAGES = [{"role": "user", "content": "What is 1 + 2?"}]
@@ -55,3 +68,25 @@ def test_default_run_id_survives_metric_and_batch_edits() -> None:
     assert default_run_id(EvalSpec.model_validate({**spec, "trials": 2})) != base
     new_prompt = {**spec, "prompt": {"user": "Q: {{ q }}"}}
     assert default_run_id(EvalSpec.model_validate(new_prompt)) != base
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "Answer."}, {"role": "user", "content": "What is 1 + 2?"}],
+        [{"content": 'naïve \u2603 "q" \\ \n\t\x00 \ud7ff', "role": "user"}],
+        [],
+        [{"role": "user", "content": "x", "name": "extra key"}],
+        [{"role": "user", "content": 7}],
+        ({"role": "user", "content": "a tuple of messages"},),
+    ],
+)
+def test_messages_json_is_canonical_json(messages: Any) -> None:
+    assert messages_json(messages) == canonical_json(messages)
+
+
+def test_item_key_is_pinned_to_the_canonical_json_of_the_messages() -> None:
+    """Keys stored by earlier versions stay valid: the payload's form is fixed."""
+    payload = f"{HASH_VERSION}\x1fdigest\x1f2\x1f{canonical_json(MESSAGES)}"
+    expected = hashlib.sha256(payload.encode()).hexdigest()[:32]
+    assert item_key("digest", MESSAGES, 2) == expected
