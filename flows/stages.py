@@ -21,7 +21,7 @@ from prefect.task_runners import TaskRunner
 from shardeval import interrupt
 from shardeval.errors import RunInterrupted, StorageError
 from shardeval.progress import RunProgress
-from shardeval.session import Stage
+from shardeval.session_stages import Stage
 from tasks.aggregate import artifact_key
 from tasks.batch import PROCESS, batch_task_for
 

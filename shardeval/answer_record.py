@@ -155,6 +155,7 @@ def remember_answer(key: str, session: RunSession, *, read_started_ns: int) -> b
     ``read_started_ns`` is when the command started (before the dataset was read): a file
     modified less than :data:`RACY_S` before it is racy and makes the record unsafe.
     """
+    from shardeval.cost import part_prices
     from shardeval.finality import summary_has_auth_errors
     from shardeval.finalize import is_current
 
@@ -165,8 +166,10 @@ def remember_answer(key: str, session: RunSession, *, read_started_ns: int) -> b
     if dataset.source_stat is None or dataset.source_path is None:
         return False  # an object store or an fsspec URL: its etag is not read here
     summary = store.read_json(store.metrics_path)
+    prices = part_prices(session.spec.model, session.metrics)  # as answer_from_storage asks
+    plan = session.plan.fingerprint()
     if summary_has_auth_errors(summary) or not is_current(
-        summary, plan_fingerprint=session.plan.fingerprint(), metrics=session.metrics
+        summary, plan_fingerprint=plan, metrics=session.metrics, prices=prices
     ):
         return False
     files: dict[str, Stat] = {}

@@ -18,7 +18,7 @@ Nothing here imports Prefect.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,23 +26,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from shardeval import __version__, interrupt
-from shardeval.batch_requests import PlanRequests, batch_shared, duplicate_keys
+from shardeval import __version__, interrupt, session_stages
 from shardeval.budget import close_budget, open_budget, stored_spend
 from shardeval.cost import part_prices
-from shardeval.engines import close_engines, stop_error
-from shardeval.errors import RunIncomplete
+from shardeval.engines import close_engines
 from shardeval.finality import summary_has_auth_errors
 from shardeval.finalize import Finalized, finalize, is_current, keep_history
 from shardeval.hashing import default_run_id, model_fingerprint, run_id_inputs
-from shardeval.judging import (
-    Judgements,
-    judge_metrics,
-    judge_run_id,
-    load_judgements,
-    plan_judgements,
-    tidy_judges,
-)
+from shardeval.judging import Judgements, judge_metrics, judge_run_id
 from shardeval.locking import RunLock
 from shardeval.metrics import Metric
 from shardeval.overrides import resolve_spec
@@ -50,7 +41,8 @@ from shardeval.planning import RunPlan
 from shardeval.progress import RunProgress, progress_for
 from shardeval.run_id import choose_run_id
 from shardeval.runcard import CardKeeper, record_complete
-from shardeval.runner import BatchWork, RunRef
+from shardeval.runner import RunRef
+from shardeval.session_stages import Stage
 from shardeval.spec import EvalSpec
 from shardeval.storage import RunStore
 from shardeval.survey import Survey, survey
@@ -58,19 +50,6 @@ from shardeval.validation import Validated, validate
 
 logger = logging.getLogger("shardeval.run")
 """What a run found and does, for the person who started it; the CLI shows its INFO lines."""
-
-
-@dataclass
-class Stage:
-    """Batches to run before the next step can start (generations, or one judge metric)."""
-
-    phase: str
-    """What the progress display says: ``generating``, ``judging (quality)``, ``repairing``."""
-    run: RunRef
-    works: Iterable[tuple[BatchWork, bool]]
-    """``(work, stale)``: a stale batch's Prefect cache record must not be trusted."""
-    n_requests: int = 0
-    n_batches: int = 0
 
 
 @dataclass(frozen=True)
@@ -313,117 +292,23 @@ class RunSession:
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> Iterator[Stage]:
-        """The batch stages of this attempt, in order; each must finish before the next.
-
-        Generations first; then each ``llm_judge`` metric (its requests are built from the
-        responses); then, if collecting the committed batches for finalizing finds one damaged
-        (set aside to quarantine/), one repair stage that recomputes it.
-        """
-        found = self._require_survey()
-        plan = self.plan
-        yield Stage(
-            phase="generating",
-            run=self.run_ref(),
-            works=self._batch_works(found, range(len(plan.batches))),
-            n_requests=plan.n_rows,
-            n_batches=len(plan.batches),
-        )
-        yield from self.judge_stages()
-        damaged = self._collect()
-        if damaged:
-            found = survey(self.store, plan, retry_failed=False)
-            self._found = found
-            yield Stage(
-                phase="repairing",
-                run=self.run_ref(),
-                works=self._batch_works(found, damaged, stale=True),
-                n_requests=sum(plan.batches[i].stop - plan.batches[i].start for i in damaged),
-                n_batches=len(damaged),
-            )
-            if self._collect():
-                raise RunIncomplete(
-                    "committed batches were damaged again while being recomputed",
-                    hint="check the output storage; what is committed is kept",
-                )
+        """The batch stages of this attempt, in order (:func:`shardeval.session_stages.stages`)."""
+        return session_stages.stages(self)
 
     def judge_stages(self) -> Iterator[Stage]:
-        """One stage per ``llm_judge`` metric: its judgements, built from the ok responses."""
-        for metric in judge_metrics(self.metrics):
-            judged = plan_judgements(self.store, self.plan, metric, self.run_id)
-            progress = self.progress
-            progress.plan(
-                progress.total + judged.n_requests, progress.batches_total + len(judged.works), 0
-            )
-            yield Stage(
-                phase=f"judging ({metric.name})",
-                run=judged.run,
-                works=judged.works,
-                n_requests=judged.n_requests,
-                n_batches=len(judged.works),
-            )
-            self._judgements[metric.name] = load_judgements(self.store, metric)
-            tidy_judges(self.store, metric)
+        """One stage per ``llm_judge`` metric (:func:`shardeval.session_stages.judge_stages`)."""
+        return session_stages.judge_stages(self)
 
     def require(self, stage: Stage, failures: list[str]) -> None:
-        """Raise :class:`RunIncomplete` if a stage's batches failed (the rest are kept).
-
-        If the run stopped sending (its endpoint went away, or rejected the key), that error
-        is raised instead: it says what to fix, the batch failures only follow from it.
-        """
-        if not failures:
-            return
-        stopped = stop_error(self.run_id)
-        if stopped is not None:
-            raise stopped
-        shown = "; ".join(failures[:5]) + ("; ..." if len(failures) > 5 else "")
-        raise RunIncomplete(
-            f"{len(failures)} of {stage.n_batches} batches could not finish ({stage.phase}): "
-            + shown,
-            hint="run the same command again to retry only what is missing",
-        )
+        """Raise if a stage's batches failed (:func:`shardeval.session_stages.require`)."""
+        session_stages.require(self, stage, failures)
 
     def run_ref(self) -> RunRef:
         """Which run batch tasks work for (small and picklable, for any process)."""
         return RunRef(run_id=self.run_id, output=self.store.output, model=self.spec.model)
 
-    def _batch_works(
-        self, found: Survey, indices: Iterable[int], *, stale: bool = False
-    ) -> Iterator[tuple[BatchWork, bool]]:
-        """Each batch's work (rendered only when submitted) and whether its record is stale."""
-        plan, spec = self.plan, self.spec
-        duplicates = duplicate_keys(plan)
-        for index in indices:
-            batch = plan.batches[index]
-            work = BatchWork(
-                run_id=self.run_id,
-                number=batch.number,
-                total=batch.total,
-                key=batch.key,
-                requests=PlanRequests(plan, batch),
-                reuse=found.reuse.get(batch.key, {}),
-                retry_failed=self.retry_failed,
-                nothing_stored=batch.key not in found.committed
-                and batch.key not in found.with_parts,
-                flush_every_s=spec.flush_every_s,
-                flush_every_items=spec.flush_every_items,
-                shared=batch_shared(plan, batch, duplicates),
-            )
-            is_stale = stale or batch.key not in found.committed or batch.key in found.error_batches
-            yield work, is_stale
-
-    def _collect(self) -> list[int]:
-        """Read every committed batch for finalizing; the indices of those that are damaged.
-
-        A batch that came back Cached from Prefect was never read by its task; an unreadable
-        file is set aside by the store (quarantine/) and its batch recomputed.
-        """
-        paths = [self.store.batch_path(b.key) for b in self.plan.batches]
-        tables = list(self.store.read_tables(paths))
-        damaged = [i for i, table in enumerate(tables) if table is None]
-        self._stored = None if damaged else [t for t in tables if t is not None]
-        return damaged
-
-    def _require_survey(self) -> Survey:
+    def require_survey(self) -> Survey:
+        """What this attempt's survey found (stages run inside :meth:`attempt`)."""
         if self._found is None:
             raise RuntimeError("stages() runs inside session.attempt()")
         return self._found

@@ -18,7 +18,7 @@ import functools
 import inspect
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from shardeval.errors import PermanentProviderError, ProviderError, SpecError
@@ -63,8 +63,36 @@ class PythonProvider:
         except ProviderError:
             raise
         except Exception as exc:
-            raise PermanentProviderError(f"{type(exc).__name__}: {exc}") from exc
+            raise _permanent(exc) from exc
         return _to_completion(result)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether :meth:`complete_many` may serve a batch (a sync function: see there)."""
+        return not self._is_async
+
+    async def complete_many(
+        self, requests: Sequence[ProviderRequest]
+    ) -> list[tuple[Completion | ProviderError, float]]:
+        """Call the sync function for each request; ``(completion or error, seconds)`` each.
+
+        The engine's in-process batch path (:mod:`shardeval.engine_batch`) uses this instead
+        of one :meth:`complete` per request. Errors are returned, classified as
+        :meth:`complete` raises them, so one failing item does not fail its neighbours.
+        """
+        calls = [(dict(r.item), list(r.messages)) for r in requests]
+        results = await self._threads.call_many(calls)
+        out: list[tuple[Completion | ProviderError, float]] = []
+        for ok, value, seconds in results:
+            if not ok:
+                error = value if isinstance(value, ProviderError) else _permanent(value)
+                out.append((error, seconds))
+                continue
+            try:
+                out.append((_to_completion(value), seconds))
+            except ProviderError as exc:
+                out.append((exc, seconds))
+        return out
 
     async def aclose(self) -> None:
         """Nothing to release."""
@@ -87,13 +115,24 @@ class _ThreadCalls:
 
     async def call(self, *args: Any) -> Any:
         """``function(*args)`` in a worker thread; raises what it raised."""
+        ok, value, _seconds = (await self.call_many([args]))[0]
+        if not ok:
+            raise value
+        return value
+
+    async def call_many(self, calls: Sequence[tuple[Any, ...]]) -> list[tuple[bool, Any, float]]:
+        """``(ok, result or exception, seconds)`` of ``function(*args)`` for each of ``calls``."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
         if not self._queued:
             loop.call_soon(self._dispatch, loop)  # after the callbacks that queue more calls
         # Each call runs in a copy of its caller's context, as with asyncio.to_thread.
-        self._queued.append(((contextvars.copy_context(), *args), future))
-        return await future
+        context = contextvars.copy_context()
+        futures = []
+        for args in calls:
+            future: asyncio.Future[Any] = loop.create_future()
+            self._queued.append(((context, *args), future))
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         queued, self._queued = self._queued, []
@@ -106,13 +145,16 @@ class _ThreadCalls:
     def _run_group(
         self, loop: asyncio.AbstractEventLoop, group: list[tuple[tuple[Any, ...], _Future]]
     ) -> None:
-        finished: list[tuple[_Future, bool, Any]] = []
+        finished: list[tuple[_Future, tuple[bool, Any, float]]] = []
         delivered = time.monotonic()
+        clock = time.perf_counter
         for (context, *args), future in group:
+            started = clock()
             try:
-                finished.append((future, True, context.run(self._function, *args)))
+                result = context.copy().run(self._function, *args)
+                finished.append((future, (True, result, clock() - started)))
             except BaseException as exc:  # the caller's await raises it, as with to_thread
-                finished.append((future, False, exc))
+                finished.append((future, (False, exc, clock() - started)))
             if time.monotonic() - delivered >= DELIVER_EVERY_S:
                 loop.call_soon_threadsafe(_settle, finished)
                 finished, delivered = [], time.monotonic()
@@ -120,19 +162,22 @@ class _ThreadCalls:
             loop.call_soon_threadsafe(_settle, finished)
 
 
+def _permanent(exc: BaseException) -> PermanentProviderError:
+    """Any other exception of the function: an error row naming it."""
+    error = PermanentProviderError(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 _Future = asyncio.Future[Any]
 DELIVER_EVERY_S = 0.002
 
 
-def _settle(finished: list[tuple[_Future, bool, Any]]) -> None:
+def _settle(finished: list[tuple[_Future, tuple[bool, Any, float]]]) -> None:
     """Resolve finished calls' futures on the loop (a cancelled caller's is skipped)."""
-    for future, ok, value in finished:
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+    for future, result in finished:
+        if not future.done():
+            future.set_result(result)
 
 
 def _fail_unsettled(group: list[tuple[tuple[Any, ...], _Future]], running: _Future) -> None:

@@ -1,8 +1,10 @@
 """The items table of a run's page: every row as compact JSON, filtered in the page.
 
 Rows come failures first (error rows, then the lowest scores), so the first screen is what
-needs reading. Long texts are cut to keep the page a few MB at 10,000 rows; the page says so,
-and results.parquet keeps them whole. The script is small vanilla JS: a text filter, a
+needs reading. Long texts are cut to keep the page a few MB at 10,000 rows, and a run of more
+than :data:`MAX_ROWS` rows embeds its first :data:`MAX_ROWS` in that order (chosen in Arrow,
+so a million-row run never holds its rows as Python objects); the page says so, and
+results.parquet keeps every row whole. The script is small vanilla JS: a text filter, a
 status/score filter and "show more"; it only reads the embedded JSON (no network).
 """
 
@@ -12,11 +14,15 @@ import math
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 TEXT_BUDGET = 3_000_000
 """Characters of prompt/target/response text embedded in a page, in all."""
 MIN_TEXT, MAX_TEXT = 160, 4000
 PAGE_ROWS = 100
+MAX_ROWS = 20_000
+"""Rows embedded in a page at most (failures first): beyond, the page would be hundreds of
+MB and its building the largest part of a million-row run's memory."""
 
 SCRIPT = r"""
 (function(){
@@ -76,11 +82,13 @@ def _cut(text: Any, limit: int) -> tuple[str | None, bool]:
     return text[:limit] + f" … [{len(text) - limit:,} more characters]", True
 
 
-def items_data(results: pa.Table) -> tuple[dict[str, Any], int, int]:
+def items_data(results: pa.Table, max_rows: int = MAX_ROWS) -> tuple[dict[str, Any], int, int]:
     """(the items JSON, the per-field limit used, how many texts were cut)."""
     names = results.column_names
     score_cols = [c for c in names if c.startswith("score_")]
     target_cols = [c for c in names if c.startswith("target_")]
+    if results.num_rows > max_rows:
+        results = results.take(_first_rows(results, score_cols, max_rows))
     data = results.to_pydict()
     n = results.num_rows
     limit = text_limit(n)
@@ -130,9 +138,41 @@ def items_data(results: pa.Table) -> tuple[dict[str, Any], int, int]:
     return {"columns": columns, "rows": rows}, limit, cut
 
 
+def _first_rows(results: pa.Table, score_cols: list[str], count: int) -> pa.Array:
+    """Indices of the first ``count`` rows in the page's order (see :func:`items_data`'s sort).
+
+    The same key, computed on columns: ok rows after the others, then the lowest finite
+    score (2.0 without one), then dataset order and trial.
+    """
+    finite = [
+        pc.if_else(pc.is_finite(results.column(c)), results.column(c), None) for c in score_cols
+    ]
+    lowest = (
+        pc.fill_null(pc.min_element_wise(*finite, skip_nulls=True), 2.0)
+        if finite
+        else pa.array([2.0] * results.num_rows)
+    )
+    trial = results.column("trial") if "trial" in results.column_names else pa.nulls(0)
+    keys = pa.table(
+        {
+            "ok": pc.fill_null(pc.equal(results.column("status"), "ok"), False),
+            "lowest": lowest,
+            "index": results.column("item_index"),
+            "trial": pc.fill_null(trial, 0) if len(trial) else pa.array([0] * results.num_rows),
+        }
+    )
+    order = pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names])
+    return order.slice(0, count)
+
+
 def items_section_body(n_rows: int, limit: int, cut: int, has_prompt: bool) -> str:
     """The controls and the (script-filled) table."""
     notes = []
+    if n_rows > MAX_ROWS:
+        notes.append(
+            f"This page holds the first {MAX_ROWS:,} of the run's {n_rows:,} rows (failures "
+            "first); results.parquet holds every row."
+        )
     if cut:
         notes.append(
             f"{cut:,} long texts are cut to {limit:,} characters here; "

@@ -299,3 +299,33 @@ def test_write_run_report_through_the_store(tmp_path: Path) -> None:
     assert f'<a href="{Path(store.spec_path).as_uri()}">' in copy  # the link still works
     assert external_references(copy) == []
     assert not list((tmp_path / "out").glob(".page.html.*"))  # no temporary left behind
+
+
+def test_a_long_run_embeds_its_first_rows_in_the_page_order() -> None:
+    """Capping the embedded rows keeps exactly the first rows of the uncapped order."""
+    from shardeval.report.items import items_data
+
+    rng = random.Random(3)
+    n = 600
+    statuses = [rng.choice(["ok", "ok", "ok", "error"]) for _ in range(n)]
+    score = [
+        None if s != "ok" else rng.choice([0.0, 0.5, 1.0, float("nan"), None]) for s in statuses
+    ]
+    other = [None if s != "ok" else rng.choice([0.0, 1.0, float("inf")]) for s in statuses]
+    results = pa.table(
+        {
+            "item_id": [f"q{i // 2}" for i in range(n)],
+            "item_index": [i // 2 for i in range(n)],
+            "trial": [i % 2 for i in range(n)],
+            "status": statuses,
+            "error_kind": [None if s == "ok" else "http_400" for s in statuses],
+            "error": [None if s == "ok" else "bad" for s in statuses],
+            "response": ["r"] * n,
+            "score_a": pa.array(score, pa.float64()),
+            "score_b": pa.array(other, pa.float64()),
+        }
+    )
+    whole, _, _ = items_data(results, max_rows=n)
+    capped, _, _ = items_data(results, max_rows=50)
+    assert len(capped["rows"]) == 50
+    assert [r[:7] for r in capped["rows"]] == [r[:7] for r in whole["rows"][:50]]
