@@ -19,6 +19,9 @@ It also measures the SERIALIZABLE isolation's cost: the batch size 50 run again 
 lock manager (``SHARDEVAL_BATCH_LOCKS=0``), and the lock manager's acquire/release alone.
 
     python benchmarks/scale.py [--items 20000] [--sizes 50,200,1000] [--prefect-api URL]
+                               [--no-dask] [--no-lock-variant]
+
+A million items: ``--items 1000000 --sizes 1000 --no-dask --no-lock-variant`` (~10 minutes).
 
 Without ``--prefect-api`` it starts a Prefect server of its own (and stops it at the end).
 """
@@ -224,6 +227,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="50,200,1000")
     parser.add_argument("--prefect-api", help="use this running Prefect server")
     parser.add_argument("--no-dask", action="store_true")
+    parser.add_argument(
+        "--no-lock-variant", action="store_true", help="skip the run without the lock manager"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -270,7 +276,7 @@ def main() -> None:
                 ),
                 flush=True,
             )
-            if size == min(sizes):
+            if size == min(sizes) and not args.no_lock_variant:
                 no_locks = {**env, "SHARDEVAL_BATCH_LOCKS": "0"}
                 print(
                     json.dumps(

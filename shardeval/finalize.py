@@ -9,6 +9,7 @@ from storage): two runs over the same stored results give the same file otherwis
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -81,7 +82,8 @@ def finalize(
 
     ``judgements`` (metric name → judgements) are the ``llm_judge`` metrics' inputs; without
     them the judgements stored in the run are read, so finalizing on its own scores the same.
-    ``stored`` are the plan's committed batch tables when the caller has read them already.
+    ``stored`` are the plan's committed batch tables when the caller has read them already
+    (the list is consumed: its entries are set to None as they are scored).
     ``sent_keys`` are the item keys (the run's and its judges') sent to a model in this
     attempt, for ``cost.saved_usd``; None decides by each row's stored ``finished_at``
     against ``started_at`` instead (see :mod:`shardeval.cost`).
@@ -97,8 +99,9 @@ def finalize(
     if stored is None:
         tables = list(store.read_tables([store.batch_path(batch.key) for batch in plan.batches]))
     else:
-        tables = list(stored)
-    for batch, table in zip(plan.batches, tables, strict=True):
+        tables = stored  # consumed: each is released once scored (a million rows: ~100 MB)
+    for position, batch in enumerate(plan.batches):
+        table, tables[position] = tables[position], None
         if table is None:
             raise FileNotFoundError(f"committed batch {batch.key} vanished before finalizing")
         rows = plan.rows.slice(batch.start, batch.stop - batch.start)
@@ -238,17 +241,20 @@ def _score_chunk(
 
 def metric_statistics(ok_rows: pa.Table, column: str, trials: int) -> dict[str, Any]:
     """mean, n, stderr, a seeded bootstrap 95% CI, and pass@k/agreement over trials."""
-    values = ok_rows.column(column).to_pylist()
-    stats = summarize(values)
+    scores = ok_rows.column(column)
+    stats = summarize(scores)
     # With trials, rows of one item are not independent: resample items, not rows.
+    values = scores.to_pylist() if trials > 1 else None
     bootstrap = bootstrap_ci95(
-        item_means(ok_rows.column("item_id").to_pylist(), values) if trials > 1 else values
+        item_means(ok_rows.column("item_id").to_pylist(), values)
+        if values is not None
+        else pc.fill_null(scores.cast(pa.float64()), math.nan).to_numpy()
     )
     stats["ci_method"] = "normal"
     if bootstrap is not None:
         stats["ci95"] = bootstrap
         stats["ci_method"] = "bootstrap"
-    if trials > 1:
+    if values is not None:
         stats.update(trial_statistics(ok_rows.column("item_id").to_pylist(), values, trials))
     return stats
 
@@ -286,7 +292,7 @@ def _summary(
     n_ok = int(pc.sum(ok_mask).as_py() or 0)
     kinds = pc.value_counts(pc.filter(table.column("error_kind"), pc.equal(status, "error")))
     errors_by_kind = {str(k["values"]): int(k["counts"]) for k in kinds.to_pylist()}
-    ok_rows = table.filter(ok_mask)
+    ok_rows = table.select(["item_id", *score_columns]).filter(ok_mask)  # not the texts
     metric_stats = {
         column[len("score_") :]: metric_statistics(ok_rows, column, plan.spec.trials)
         for column in score_columns

@@ -123,26 +123,32 @@ def build_plan(spec: EvalSpec, dataset: Dataset) -> RunPlan:
         )
     rows = pa.concat_tables(chunks).combine_chunks()
     plan = RunPlan(spec=spec, dataset=dataset, rows=rows)
-    plan.batches = cut_batches(rows.column("item_key").to_pylist(), spec.batch_size)
+    plan.batches = cut_batches(rows.column("item_key"), spec.batch_size)
     return plan
 
 
-def cut_batches(keys: list[str], size: int) -> list[BatchRef]:
+def cut_batches(keys: list[str] | pa.Array | pa.ChunkedArray, size: int) -> list[BatchRef]:
     """Contiguous batches of ``size`` rows, each keyed by its item keys in order.
 
     The only place batch keys are computed: a run's plan and its judges' plans both cut here.
+    Arrow keys become Python strings one batch at a time (a million at once is ~90 MB).
     """
     total = (len(keys) + size - 1) // size
-    return [
-        BatchRef(
-            number=number,
-            total=total,
-            key=batch_key(keys[start : start + size]),
-            start=start,
-            stop=min(start + size, len(keys)),
+    batches = []
+    for number, start in enumerate(range(0, len(keys), size), start=1):
+        chunk = keys[start : start + size]
+        if not isinstance(chunk, list):
+            chunk = chunk.to_pylist()
+        batches.append(
+            BatchRef(
+                number=number,
+                total=total,
+                key=batch_key(chunk),
+                start=start,
+                stop=min(start + size, len(keys)),
+            )
         )
-        for number, start in enumerate(range(0, len(keys), size), start=1)
-    ]
+    return batches
 
 
 @dataclass(frozen=True)

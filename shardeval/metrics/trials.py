@@ -77,9 +77,13 @@ def item_means(item_ids: Sequence[str], values: Sequence[float | None]) -> list[
     return [total / count for total, count in sums.values()]
 
 
-def bootstrap_ci95(values: Sequence[float]) -> list[float] | None:
-    """Seeded bootstrap 95% interval of the mean (see the module docstring)."""
-    array = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+def bootstrap_ci95(values: Sequence[float | None] | np.ndarray) -> list[float] | None:
+    """Seeded bootstrap 95% interval of the mean (see the module docstring).
+
+    None and NaN values are left out; a numpy array is filtered without Python objects.
+    """
+    array = np.asarray(values, dtype=float)  # None becomes NaN
+    array = array[~np.isnan(array)]
     n = array.size
     if n < 2:
         return None

@@ -204,8 +204,10 @@ def _groups(summary: dict[str, Any]) -> str:
 def _values(results: pa.Table, column: str, *, ok_only: bool = True) -> list[float]:
     if column not in results.column_names:
         return []
-    table = results.filter(pc.equal(results.column("status"), "ok")) if ok_only else results
-    return [float(v) for v in table.column(column).drop_null().to_pylist()]
+    values = results.column(column)
+    if ok_only:  # filter the one column, not a copy of the whole table
+        values = values.filter(pc.equal(results.column("status"), "ok"))
+    return [float(v) for v in values.drop_null().to_pylist()]
 
 
 def _binned(values: list[float], bins: int = 10) -> list[tuple[str, int]]:
