@@ -172,6 +172,9 @@ def remember_answer(key: str, session: RunSession, *, read_started_ns: int) -> b
         summary, plan_fingerprint=plan, metrics=session.metrics, prices=prices
     ):
         return False
+    card = store.read_json(store.path("run.json"))
+    if not isinstance(card, dict) or card.get("status") != "complete":
+        return False  # the exact path writes the complete card first (record_complete)
     files: dict[str, Stat] = {}
     vouched: dict[str, Stat | None] = {dataset.source_path: dataset.source_stat}
     for module_file in _code_files(session):
