@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from shardeval import budget, endpoint_limits, interrupt
+from shardeval import budget, endpoint_limits, engine_batch, interrupt
 from shardeval.answers import Answer, SharedAnswers, outcome_of
 from shardeval.breaker import Breaker
 from shardeval.errors import (
@@ -70,7 +70,7 @@ class Engine:
             daemon=True,
         )
         self._thread.start()
-        self._inflight: set[asyncio.Task[Outcome]] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
         self._answers = SharedAnswers()
         self._closed = False
         self._paused_until = 0.0
@@ -136,14 +136,28 @@ class Engine:
         on_done: Callable[[Outcome], None],
         shared: AbstractSet[str],
     ) -> None:
-        """Queue each request for a slot (lowest batch and position first), once per key."""
+        """Queue each request for a slot (lowest batch and position first), once per key.
+
+        A sync in-process provider's requests go out together instead (engine_batch.py).
+        """
+        in_process: list[engine_batch.Pending] | None = (
+            [] if engine_batch.batch_path(self) else None
+        )
         for position, request in enumerate(requests):
             answer = self._answers.ask(request.key, on_done, request.key in shared)
-            if answer is not None:  # the first row to ask: send it
-                priority = (batch, position)
-                self._slots.start_when_free(
-                    priority, functools.partial(self._start, request, priority, answer)
-                )
+            if answer is None:  # another row asked first: that answer serves this one
+                continue
+            if in_process is not None:
+                in_process.append((position, request, answer))
+                continue
+            priority = (batch, position)
+            self._slots.start_when_free(
+                priority, functools.partial(self._start, request, priority, answer)
+            )
+        if in_process:
+            sending = self._loop.create_task(engine_batch.send_batch(self, in_process, batch))
+            self._inflight.add(sending)  # a stop's grace period abandons it like any request
+            sending.add_done_callback(self._inflight.discard)
 
     def _start(self, request: ProviderRequest, priority: tuple[int, int], answer: Answer) -> None:
         """Start a request that now holds a slot: a task, tracked so a stop can abandon it.

@@ -49,6 +49,13 @@ class PrioritySlots:
                 self.release()  # the slot was handed over as we were cancelled: pass it on
             raise
 
+    def try_acquire(self) -> bool:
+        """Take a slot only if one is free and nobody waits (a batch chunk's extra slots)."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
     def release(self) -> None:
         """Give a slot back: to the first waiter still waiting, else to the pool."""
         while self._waiters:
