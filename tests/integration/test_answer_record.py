@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -56,11 +57,20 @@ def complete_with_record(run_cli: RunCli, spec: Path, *files: Path, **env: str) 
     assert "no model call was made" in out
 
 
+def completed(
+    tmp_path: Path, server: TestServer, run_cli: RunCli, items: list[dict[str, Any]], **spec: Any
+) -> Path:
+    """A spec over ``items`` whose run is complete and answered from its record."""
+    env, files = spec.pop("env", {}), spec.pop("files", [])
+    path = write_spec(tmp_path, base_url=server.url, items=items, **spec)
+    complete_with_record(run_cli, path, tmp_path / "items.jsonl", *files, **env)
+    return path
+
+
 def test_unchanged_rerun_answers_from_the_record_with_the_same_output(
     tmp_path: Path, llm_server: TestServer, run_cli: RunCli
 ) -> None:
-    spec = write_spec(tmp_path, base_url=llm_server.url, items=arith_items(30))
-    complete_with_record(run_cli, spec, tmp_path / "items.jsonl")
+    spec = completed(tmp_path, llm_server, run_cli, arith_items(30))
     assert llm_server.stats()["requests"] == 30
     exact_out = run_cli("run", str(spec), "--limit", "30").stdout  # another key: exact path
     record_out, exact = rerun(run_cli, spec)
@@ -74,18 +84,20 @@ def test_unchanged_rerun_answers_from_the_record_with_the_same_output(
     assert "exact_match" in record_out
 
 
+@pytest.mark.parametrize("restore_mtime", [False, True], ids=["edited", "mtime-set-back"])
 def test_same_size_dataset_edit_falls_through(
-    tmp_path: Path, llm_server: TestServer, run_cli: RunCli
+    tmp_path: Path, llm_server: TestServer, run_cli: RunCli, restore_mtime: bool
 ) -> None:
+    """Same size, other bytes; set back to the old mtime too, the ctime still moves."""
     items = arith_items(30)
-    spec = write_spec(tmp_path, base_url=llm_server.url, items=items)
+    spec = completed(tmp_path, llm_server, run_cli, items)
     dataset = tmp_path / "items.jsonl"
-    complete_with_record(run_cli, spec, dataset)
-    size = dataset.stat().st_size
+    before = dataset.stat()
     items[7]["a"], items[7]["b"] = items[7]["b"], items[7]["a"]  # same bytes, other prompt
-    items[7]["answer"] = items[7]["a"] + items[7]["b"]
     write_jsonl(dataset, items)
-    assert dataset.stat().st_size == size
+    assert dataset.stat().st_size == before.st_size
+    if restore_mtime:
+        os.utime(dataset, ns=(before.st_atime_ns, before.st_mtime_ns))
 
     out, exact = rerun(run_cli, spec)
 
@@ -94,29 +106,10 @@ def test_same_size_dataset_edit_falls_through(
     assert "1 model calls made" in out
 
 
-def test_dataset_edit_with_its_mtime_restored_falls_through(
-    tmp_path: Path, llm_server: TestServer, run_cli: RunCli
-) -> None:
-    items = arith_items(30)
-    spec = write_spec(tmp_path, base_url=llm_server.url, items=items)
-    dataset = tmp_path / "items.jsonl"
-    complete_with_record(run_cli, spec, dataset)
-    before = dataset.stat()
-    items[3]["a"], items[3]["b"] = items[3]["b"], items[3]["a"]
-    write_jsonl(dataset, items)
-    os.utime(dataset, ns=(before.st_atime_ns, before.st_mtime_ns))  # ctime still moves
-
-    _, exact = rerun(run_cli, spec)
-
-    assert exact
-    assert llm_server.stats()["requests"] == 31
-
-
 def test_metric_change_falls_through_and_scores_again(
     tmp_path: Path, llm_server: TestServer, run_cli: RunCli
 ) -> None:
-    spec = write_spec(tmp_path, base_url=llm_server.url, items=arith_items(30))
-    complete_with_record(run_cli, spec, tmp_path / "items.jsonl")
+    spec = completed(tmp_path, llm_server, run_cli, arith_items(30))
     data = yaml.safe_load(spec.read_text())
     data["metrics"].append({"type": "includes", "target": "answer"})
     spec.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -136,13 +129,10 @@ def test_custom_metric_code_edit_falls_through(
     module = code / "record_metric.py"
     module.write_text(METRIC_MODULE.format(version=1.0))
     env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{code}"}
-    spec = write_spec(
-        tmp_path,
-        base_url=llm_server.url,
-        items=arith_items(20),
-        metrics=[{"type": "python", "function": "record_metric:score", "name": "custom"}],
+    metric = {"type": "python", "function": "record_metric:score", "name": "custom"}
+    spec = completed(
+        tmp_path, llm_server, run_cli, arith_items(20), metrics=[metric], env=env, files=[module]
     )
-    complete_with_record(run_cli, spec, tmp_path / "items.jsonl", module, **env)
     module.write_text(METRIC_MODULE.format(version=0.0))
 
     _, exact = rerun(run_cli, spec, **env)
@@ -155,8 +145,7 @@ def test_custom_metric_code_edit_falls_through(
 def test_prompt_or_model_change_is_a_new_run(
     tmp_path: Path, llm_server: TestServer, run_cli: RunCli, change: str
 ) -> None:
-    spec = write_spec(tmp_path, base_url=llm_server.url, items=arith_items(20))
-    complete_with_record(run_cli, spec, tmp_path / "items.jsonl")
+    spec = completed(tmp_path, llm_server, run_cli, arith_items(20))
     data = yaml.safe_load(spec.read_text())
     if change == "prompt":
         data["prompt"]["user"] = "Compute {{ a }} + {{ b }}."
@@ -173,8 +162,7 @@ def test_prompt_or_model_change_is_a_new_run(
 def test_set_option_is_part_of_the_key(
     tmp_path: Path, llm_server: TestServer, run_cli: RunCli
 ) -> None:
-    spec = write_spec(tmp_path, base_url=llm_server.url, items=arith_items(20))
-    complete_with_record(run_cli, spec, tmp_path / "items.jsonl")
+    spec = completed(tmp_path, llm_server, run_cli, arith_items(20))
 
     _, exact = rerun(run_cli, spec, "--set", "model.revision=checkpoint-2")
 
@@ -185,8 +173,7 @@ def test_set_option_is_part_of_the_key(
 def test_a_held_or_rescored_run_falls_through(
     tmp_path: Path, llm_server: TestServer, run_cli: RunCli
 ) -> None:
-    spec = write_spec(tmp_path, base_url=llm_server.url, items=arith_items(20))
-    complete_with_record(run_cli, spec, tmp_path / "items.jsonl")
+    spec = completed(tmp_path, llm_server, run_cli, arith_items(20))
     (run_dir,) = (tmp_path / "runs" / "runs").iterdir()
     metrics = run_dir / "metrics.json"
     metrics.write_text(metrics.read_text())  # rewritten (as a rescore does): another stat
