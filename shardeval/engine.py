@@ -136,28 +136,17 @@ class Engine:
         on_done: Callable[[Outcome], None],
         shared: AbstractSet[str],
     ) -> None:
-        """Queue each request for a slot (lowest batch and position first), once per key.
-
-        A sync in-process provider's requests go out together instead (engine_batch.py).
-        """
-        in_process: list[engine_batch.Pending] | None = (
-            [] if engine_batch.batch_path(self) else None
-        )
+        """Queue each request for a slot (lowest batch and position first), once per key."""
+        if engine_batch.batch_path(self):  # a sync in-process provider: engine_batch.py
+            engine_batch.start_batch(self, requests, batch, on_done, shared)
+            return
         for position, request in enumerate(requests):
             answer = self._answers.ask(request.key, on_done, request.key in shared)
-            if answer is None:  # another row asked first: that answer serves this one
-                continue
-            if in_process is not None:
-                in_process.append((position, request, answer))
-                continue
-            priority = (batch, position)
-            self._slots.start_when_free(
-                priority, functools.partial(self._start, request, priority, answer)
-            )
-        if in_process:
-            sending = self._loop.create_task(engine_batch.send_batch(self, in_process, batch))
-            self._inflight.add(sending)  # a stop's grace period abandons it like any request
-            sending.add_done_callback(self._inflight.discard)
+            if answer is not None:  # the first row to ask: send it
+                priority = (batch, position)
+                self._slots.start_when_free(
+                    priority, functools.partial(self._start, request, priority, answer)
+                )
 
     def _start(self, request: ProviderRequest, priority: tuple[int, int], answer: Answer) -> None:
         """Start a request that now holds a slot: a task, tracked so a stop can abandon it.

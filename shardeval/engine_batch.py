@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from shardeval import budget, endpoint_limits, interrupt
@@ -51,6 +52,29 @@ def batch_path(engine: Engine) -> bool:
         and engine._prefect_limit is None
         and endpoint_limits.semaphore(engine._endpoint) is None
     )
+
+
+def start_batch(
+    engine: Engine,
+    requests: Sequence[ProviderRequest],
+    batch: int,
+    on_done: Callable[[Outcome], None],
+    shared: AbstractSet[str],
+) -> None:
+    """``Engine._start_batch`` for this path: ask the shared answers, send the new requests.
+
+    One task sends the batch's requests that no row is waiting for yet; it is tracked in the
+    engine's ``_inflight``, so a stop's grace period abandons it like any request.
+    """
+    pending: list[Pending] = []
+    for position, request in enumerate(requests):
+        answer = engine._answers.ask(request.key, on_done, request.key in shared)
+        if answer is not None:  # the first row to ask: send it (else that answer serves it)
+            pending.append((position, request, answer))
+    if pending:
+        sending = engine._loop.create_task(send_batch(engine, pending, batch))
+        engine._inflight.add(sending)
+        sending.add_done_callback(engine._inflight.discard)
 
 
 async def send_batch(engine: Engine, pending: Sequence[Pending], batch: int) -> None:
