@@ -38,8 +38,9 @@ from flows.evaluate import evaluate, prefect_runner_signalled
 from shardeval import endpoint_limits, interrupt
 from shardeval.errors import RunInterrupted
 from shardeval.suite import read_text
+from shardeval.suite_cell import CellRun
 from shardeval.suite_report import suite_markdown, suite_rows
-from shardeval.suite_session import CellRun, SuiteSession
+from shardeval.suite_session import SuiteSession
 from tasks.aggregate import artifact_key
 from tasks.compare import compare_to_baseline
 

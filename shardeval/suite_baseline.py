@@ -13,7 +13,8 @@ storage). Each comparison is stored in the cell's run as ``comparison.json``.
 from __future__ import annotations
 
 from shardeval.comparison import RegressionDetected
-from shardeval.suite_session import CellRun, SuiteSession
+from shardeval.suite_cell import CellRun
+from shardeval.suite_session import SuiteSession
 
 
 def compare_stored_cells(suite: SuiteSession) -> None:

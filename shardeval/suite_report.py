@@ -13,7 +13,8 @@ from typing import Any
 
 from rich.table import Table
 
-from shardeval.suite_session import CellRun, SuiteSession, main_metric
+from shardeval.suite_cell import CellRun, main_metric
+from shardeval.suite_session import SuiteSession
 
 
 def suite_rows(suite: SuiteSession) -> list[dict[str, Any]]:
