@@ -23,8 +23,6 @@ by the suite flow. Each comparison publishes an artifact and an event,
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -148,7 +146,13 @@ def evaluate_suite(
     )
     grace = max((c.session.spec.grace_period_s for c in session.cells), default=5.0)
     with (
-        _stop_every_cell_on(signal.SIGTERM, session, grace),
+        interrupt.graceful_signal(
+            signal.SIGTERM,
+            grace,
+            session.suite_run_id,
+            defer=prefect_runner_signalled,
+            every_run=True,
+        ),
         endpoint_limits.applied(session.endpoint_limits()),
         ThreadPoolTaskRunner[Any](max_workers=session.parallel) as runner,
     ):
@@ -183,34 +187,3 @@ def evaluate_suite(
         raise RunInterrupted(f"suite {session.suite_run_id} stopped; run it again to resume")
     session.raise_for_failures()
     return summary
-
-
-@contextmanager
-def _stop_every_cell_on(signum: int, session: SuiteSession, grace: float) -> Iterator[None]:
-    """The first ``signum`` stops the suite and every running cell gracefully.
-
-    (``interrupt.graceful_signal`` stops one run; a suite has several.) A second signal, or
-    Prefect's runner cancelling a deployment run, gets the previous handler.
-    """
-    try:
-        previous = signal.getsignal(signum)
-    except ValueError:
-        previous = None
-
-    def handler(number: int, frame: Any) -> None:
-        if prefect_runner_signalled() or interrupt.stop_for(session.suite_run_id).requested:
-            if callable(previous):
-                previous(number, frame)
-            return
-        interrupt.stop_run(session.suite_run_id, "interrupted", "stopped by a signal")
-        interrupt.stop_active("interrupted", "stopped by a signal", grace_period_s=grace)
-
-    try:
-        signal.signal(signum, handler)
-    except (ValueError, TypeError):  # not the main thread: the caller's handlers apply
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)

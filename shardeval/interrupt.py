@@ -198,6 +198,7 @@ def graceful_signal(
     run_id: str,
     *,
     defer: Callable[[], bool] | None = None,
+    every_run: bool = False,
 ) -> Iterator[None]:
     """While the block runs, make ``signum`` stop ``run_id`` gracefully instead of its old action.
 
@@ -208,6 +209,9 @@ def graceful_signal(
     the CLI's Ctrl-C: no new requests, ``grace_period_s`` for those in flight, flush, and the
     run ends with ``RunInterrupted``. A second signal, or one for which ``defer()`` is true
     (Prefect's runner cancelling a deployment run on purpose), gets the previous handler.
+
+    ``every_run``: the signal also stops every other run active in this process (a suite's
+    cells, each a run of its own).
 
     Outside the main thread (where handlers cannot be set) this does nothing.
     """
@@ -231,6 +235,8 @@ def graceful_signal(
             grace_period_s,
         )
         stop_run(run_id, "interrupted", "stopped by a signal", grace_period_s=grace_period_s)
+        if every_run:
+            stop_active("interrupted", "stopped by a signal", grace_period_s=grace_period_s)
 
     try:
         signal.signal(signum, handler)
