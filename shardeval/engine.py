@@ -155,14 +155,24 @@ class Engine:
         behind ``concurrency`` costs a heap entry each instead of a task and a future.
         """
         if self._closed:  # the slot dies with the engine (releasing it would start the next)
-            self._settle(request.key, answer, None)
+            self._settle(request.key, answer, None, None)
             return
-        task = self._loop.create_task(self._run(request, priority, holding=True))
+        tries = Tries(holding=True)
+        task = self._loop.create_task(self._run(request, priority, tries))
         self._inflight.add(task)
-        task.add_done_callback(functools.partial(self._settle, request.key, answer))
+        task.add_done_callback(functools.partial(self._settle, request.key, answer, tries))
 
-    def _settle(self, key: str, answer: Answer, task: asyncio.Future[Outcome] | None) -> None:
+    def _settle(
+        self,
+        key: str,
+        answer: Answer,
+        tries: Tries | None,
+        task: asyncio.Future[Outcome] | None,
+    ) -> None:
         """A request ended (None: never started, the engine closed): deliver it."""
+        if tries is not None and tries.holding:  # cancelled before its first step
+            tries.holding = False
+            self._slots.release()
         if task is None:
             outcome = Outcome(key=key, status="cancelled", error="engine closed")
         else:
@@ -171,7 +181,7 @@ class Engine:
         self._answers.settle(key, answer, outcome)
 
     async def _run(
-        self, request: ProviderRequest, priority: tuple[int, int], *, holding: bool = False
+        self, request: ProviderRequest, priority: tuple[int, int], tries: Tries | None = None
     ) -> Outcome:
         """One request to its final outcome: a first attempt, then retries if it failed.
 
@@ -180,9 +190,9 @@ class Engine:
         and almost every request succeeds the first time. Only a request whose first attempt
         failed transiently enters tenacity's loop, which then waits and retries as before.
         """
-        tries = Tries()
+        tries = tries or Tries()
         try:
-            return await self._attempt(request, priority, tries, holding=holding)
+            return await self._attempt(request, priority, tries)
         except TransientProviderError as exc:
             failure = exc
         if self.model.max_retries < 1 or self.stop_error is not None:
@@ -202,16 +212,16 @@ class Engine:
         request: ProviderRequest,
         priority: tuple[int, int],
         tries: Tries,
-        *,
-        holding: bool = False,
     ) -> Outcome:
-        """One attempt, in a slot (taken here unless ``holding`` one already).
+        """One attempt, in a slot (taken here unless ``tries.holding`` one already).
 
         Raises only :class:`TransientProviderError` (for the retry loop); every other end is
         an outcome.
         """
         stop = interrupt.stop_for(self.run_id)
-        if not holding:
+        if tries.holding:
+            tries.holding = False  # no await before the ``try``: its ``finally`` releases it
+        else:
             if stop.requested:
                 return Outcome(key=request.key, status="cancelled", attempts=tries.sent)
             if self.stop_error is not None:

@@ -169,7 +169,7 @@ def _retry(
     """The per-request path for one request (backoff, ``max_retries``), as ``_start`` runs it."""
     task = engine._loop.create_task(engine._run(request, priority))
     engine._inflight.add(task)
-    task.add_done_callback(functools.partial(engine._settle, request.key, answer))
+    task.add_done_callback(functools.partial(engine._settle, request.key, answer, None))
 
 
 AUTH = frozenset({401, 403})

@@ -24,12 +24,19 @@ MAX_BACKOFF_S = 60.0
 
 
 class Tries:
-    """How many times one request was sent (its attempts, over retries)."""
+    """How many times one request was sent (its attempts, over retries), and its slot.
 
-    __slots__ = ("sent",)
+    ``holding``: the request was given a slot before its task ran (a queued request), and
+    its first attempt has not taken charge of it yet. A task cancelled before its first
+    step (a stop abandoning what is in flight) never runs the attempt that would give the
+    slot back, so whoever ends the task releases it then.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("holding", "sent")
+
+    def __init__(self, *, holding: bool = False) -> None:
         self.sent = 0
+        self.holding = holding
 
 
 def first_retry_delay(exc: TransientProviderError) -> float:

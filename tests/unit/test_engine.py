@@ -213,3 +213,31 @@ def test_a_401_stops_the_run_and_is_not_stored(
     assert all(not o.is_final for o in outcomes)
     assert outcomes[0].error_kind == "http_401"
     assert server.stats()["requests"] == 1  # one slot: the first 401 stopped the rest
+
+
+def test_a_request_abandoned_before_its_first_step_gives_its_slot_back(
+    server: TestServer,
+) -> None:
+    """A stop cancels what is in flight; a request handed a slot whose task had not run yet
+    must still give the slot back, or the requests queued behind it never end (the batch
+    would wait for them forever: seen as a hang after a lost lease)."""
+    engine = Engine(model(server, concurrency=1))
+    done: list = []
+    try:
+
+        async def hand_over_then_cancel() -> None:
+            # One request takes the only slot and, in the same step, its task is cancelled
+            # (what a stop's grace period does to everything in flight).
+            engine._start_batch([request(1)], 0, done.append, frozenset())
+            for task in list(engine._inflight):
+                task.cancel()
+
+        engine._call(hand_over_then_cancel()).result(timeout=10)
+        deadline = time.monotonic() + 10
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [o.status for o in done] == ["cancelled"]
+        # The slot came back: a later request is sent and answered.
+        assert run_all(engine, [request(2)])[0].status == "ok"
+    finally:
+        engine.close()
