@@ -328,7 +328,8 @@ def _send(
     transient: list[Outcome] = []
     taken = 0
     while taken < len(pending):
-        arrivals.all_in.wait(timeout=ARRIVALS_POLL_S)
+        arrivals.wake.wait(timeout=ARRIVALS_POLL_S)
+        arrivals.wake.clear()  # before reading: an answer arriving meanwhile sets it again
         arrived = len(arrivals.outcomes)
         for outcome, journaled in arrivals.outcomes[taken:arrived]:
             progress.finished(outcome.status, outcome.error_kind, work.key)
@@ -349,11 +350,13 @@ class _Arrivals:
 
     Writing on the thread that receives the answer closes the gap in which a kill would lose
     an answer already received (a wake-up of the batch's thread takes milliseconds on a busy
-    machine). The batch's thread is not woken per answer (at thousands of answers a second
-    the wake-ups cost more than the answers): it reads what has arrived every
-    ``ARRIVALS_POLL_S``, and the last answer wakes it at once. A journal write that fails (a
-    full disk) turns the journal off for the batch: its outcomes then go to the part flusher,
-    whose failure handling stops the run.
+    machine). A journaled answer does not wake the batch's thread (at thousands of answers a
+    second the wake-ups cost more than the answers): it reads what has arrived every
+    ``ARRIVALS_POLL_S``, and the last answer wakes it at once. An answer that is not
+    journaled (an object store: it is only durable once the part flusher has it) wakes it at
+    once, so that the flush window is counted in answers as they arrive. A journal write
+    that fails (a full disk) turns the journal off for the batch: its outcomes then go to
+    the part flusher, whose failure handling stops the run.
     """
 
     def __init__(
@@ -370,7 +373,7 @@ class _Arrivals:
         self.label = label
         self.outcomes: list[tuple[Outcome, bool]] = []
         """Appended by the engine's thread only (whether each was journaled)."""
-        self.all_in = threading.Event()
+        self.wake = threading.Event()
 
     def on_done(self, outcome: Outcome) -> None:
         journal = self.journal
@@ -383,5 +386,5 @@ class _Arrivals:
                 logger.warning("%s: cannot append to %s: %s", self.label, journal.path, exc)
                 self.journal = None
         self.outcomes.append((outcome, journaled))
-        if len(self.outcomes) >= self.expected:
-            self.all_in.set()
+        if not journaled or len(self.outcomes) >= self.expected:
+            self.wake.set()

@@ -111,9 +111,11 @@ def test_lost_lease_stops_the_old_holder_and_names_the_new_one(
         assert len(stats["prompt_completions"]) == N_ITEMS
         again = answered_twice(server)
         # What the frozen holder had answered but not yet stored when it froze: requests in
-        # flight, the window filling, and on an object store the window whose background
-        # upload had started but not landed (the new holder cannot see it): 19 alone, 35 once
-        # under a loaded CI run.
-        assert again <= CONCURRENCY + 2 * FLUSH_WINDOW, (
+        # flight, the window filling, and on an object store the windows whose background
+        # uploads had started but not landed (the new holder cannot see them). How many
+        # uploads are in flight is the upload's latency times the answer rate: 19 alone and 35
+        # under load before the engine got faster (issue 12), 35-66 since, at 16 in flight
+        # (one to two windows uploading at once). Three windows is the bound at this rate.
+        assert again <= CONCURRENCY + 3 * FLUSH_WINDOW, (
             f"{again} paid twice: the old holder kept sending"
         )
