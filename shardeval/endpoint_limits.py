@@ -88,9 +88,9 @@ def semaphore(endpoint: EndpointKey) -> aiologic.BoundedSemaphore | None:
 @contextlib.asynccontextmanager
 async def slot(model: ModelSpec) -> AsyncIterator[None]:
     """Hold a slot of the model's endpoint limit for one request (no limit: at once)."""
-    found = _limits.get(endpoint_key(model))
-    if found is None:
+    limit = semaphore(endpoint_key(model))
+    if limit is None:
         yield
         return
-    async with found[1]:
+    async with limit:
         yield
