@@ -9,7 +9,7 @@ from __future__ import annotations
 import atexit
 import threading
 
-from shardeval import interrupt
+from shardeval import collector, interrupt
 from shardeval.engine import Engine
 from shardeval.errors import ShardevalError
 from shardeval.spec import ModelSpec
@@ -31,6 +31,7 @@ def engine_for(run_id: str, model: ModelSpec) -> Engine:
             judge = run_id.split("/judges/", 1)[1] if "/judges/" in run_id else None
             field = "model" if judge is None else f"metric {judge!r}: model"
             engine = _engines[key] = Engine(model, field=field, run_id=run_id)
+            collector.hold()
     interrupt.handle_signals_in_dask_worker()
     return engine
 
@@ -66,6 +67,7 @@ def close_engines(run_id: str | None = None) -> None:
         engines = [_engines.pop(k) for k in keys]
     for engine in engines:
         engine.close()
+        collector.release()
 
 
 atexit.register(close_engines)

@@ -28,6 +28,7 @@ import secrets
 import time
 from collections.abc import Sequence
 
+import orjson
 import pyarrow as pa
 
 from shardeval.outcome import Outcome
@@ -80,44 +81,29 @@ class Journal:
 
     def append(self, outcome: Outcome, item_id: str | None, trial: int | None) -> None:
         """Write one final outcome as one line, in one system call (raises OSError)."""
-        self.append_many([(outcome, item_id, trial)])
-
-    def append_many(self, rows: Sequence[tuple[Outcome, str | None, int | None]]) -> None:
-        """Write the outcomes that have arrived, one line each, in one system call.
-
-        The batch's thread calls this with every answer it has taken off the engine's queue
-        at once (usually one; several when answers arrive faster than it wakes up): no answer
-        waits for another to be written.
-        """
         fd = self._open()
-        data = "".join(
-            json.dumps(
-                [
-                    outcome.key,
-                    item_id,
-                    trial,
-                    outcome.status,
-                    outcome.error,
-                    outcome.error_kind,
-                    outcome.http_status,
-                    outcome.response,
-                    outcome.latency_s,
-                    outcome.prompt_tokens,
-                    outcome.completion_tokens,
-                    outcome.finish_reason,
-                    outcome.attempts,
-                    outcome.finished_at,
-                ],
-                ensure_ascii=False,
-                separators=(",", ":"),
-            )
-            + "\n"
-            for outcome, item_id, trial in rows
-        ).encode("utf-8")
+        data = _encode_line(
+            [
+                outcome.key,
+                item_id,
+                trial,
+                outcome.status,
+                outcome.error,
+                outcome.error_kind,
+                outcome.http_status,
+                outcome.response,
+                outcome.latency_s,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                outcome.finish_reason,
+                outcome.attempts,
+                outcome.finished_at,
+            ]
+        )
         written = os.write(fd, data)
         if written != len(data):  # a full disk can cut a write short: that line is torn
             raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes)")
-        self.rows += len(rows)
+        self.rows += 1
 
     def close(self) -> None:
         """Close the file (its content stays until the batch commits)."""
@@ -200,11 +186,27 @@ def read_journal(path: str, columns: Sequence[str] | None = None) -> pa.Table | 
     return table.select(list(columns)) if columns is not None else table
 
 
+def _encode_line(row: list[object]) -> bytes:
+    """One journal line.
+
+    orjson because this runs on the engine's thread for every answer, and the stdlib encoder
+    costs several times more per line; the stdlib (escaping) for a response orjson refuses
+    (a lone surrogate).
+    """
+    try:
+        return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return json.dumps(row, separators=(",", ":")).encode("ascii") + b"\n"
+
+
 def _parse(raw: bytes) -> list[object] | None:
     try:
-        row = json.loads(raw)
+        row = orjson.loads(raw)
     except ValueError:
-        return None
+        try:  # a line the stdlib wrote (a lone surrogate's escape), or torn
+            row = json.loads(raw)
+        except ValueError:
+            return None
     if not isinstance(row, list) or len(row) != _N_FIELDS:
         return None
     for value, types in zip(row, _TYPES, strict=True):

@@ -12,10 +12,12 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import time
 from typing import Any
 
 import aiohttp
+import orjson
 
 from shardeval.errors import (
     ConnectionFailedError,
@@ -29,6 +31,7 @@ from shardeval.spec import ModelSpec
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # 408 request timeout, 409 conflict (some gateways), 425 too early, 429 rate limit: all pass.
 TRANSIENT_4XX = frozenset({408, 409, 425, 429})
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class OpenAIProvider:
@@ -47,7 +50,6 @@ class OpenAIProvider:
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=model.timeout_s),
             connector=aiohttp.TCPConnector(limit=model.concurrency, ttl_dns_cache=300),
-            json_serialize=json.dumps,
         )
         self._body_base: dict[str, Any] = {**model.params, "model": model.model}
 
@@ -66,13 +68,16 @@ class OpenAIProvider:
 
     async def complete(self, request: ProviderRequest) -> Completion:
         """POST one chat completion; classify failures as transient or permanent."""
-        body = {**self._body_base, "messages": list(request.messages)}
+        # orjson and bytes both ways: aiohttp's ``json=`` and ``text()`` (the stdlib encoder,
+        # a charset lookup) are a good part of the client's CPU per request.
+        body = _encode({**self._body_base, "messages": request.messages})
         try:
-            async with self._session.post(self._url, json=body) as response:
+            async with self._session.post(self._url, data=body) as response:
                 status = response.status
-                text = await response.text()
+                data = await response.read()
                 if status == 200:
-                    return _parse_completion(text)
+                    return _parse_completion(data)
+                text = data.decode("utf-8", errors="replace")
                 raise _http_error(status, text, response.headers.get("Retry-After"))
         except TimeoutError as exc:
             raise TransientProviderError(f"timed out after {self._model.timeout_s:g}s") from exc
@@ -88,14 +93,37 @@ class OpenAIProvider:
         await self._session.close()
 
 
-def _parse_completion(text: str) -> Completion:
+def _encode(body: dict[str, Any]) -> bytes:
+    """The request body as JSON bytes (the stdlib for what orjson refuses: ints past 64 bits)."""
     try:
-        data = json.loads(text)
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body).encode()
+
+
+def _decode(body: bytes) -> Any:
+    r"""JSON from bytes; the stdlib for what orjson refuses.
+
+    That is the escape of a lone surrogate (``"\ud83d"``, half an emoji cut by a token
+    limit): valid JSON, but not a string UTF-8 can store, so it becomes U+FFFD here, once,
+    before the journal and Parquet see it.
+    """
+    try:
+        return orjson.loads(body)
+    except ValueError:
+        data = json.dumps(json.loads(body), ensure_ascii=False)
+        return json.loads(_LONE_SURROGATE.sub("\ufffd", data))
+
+
+def _parse_completion(body: bytes) -> Completion:
+    try:
+        data = _decode(body)
         choice = data["choices"][0]
         content = choice["message"].get("content") or ""
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         # A proxy answering 200 with an HTML page is a passing fault, not the model's answer.
-        raise TransientProviderError(f"malformed response: {text[:200]!r}") from exc
+        text = body[:200].decode("utf-8", errors="replace")
+        raise TransientProviderError(f"malformed response: {text!r}") from exc
     usage = data.get("usage") or {}
     return Completion(
         text=content,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -130,3 +131,16 @@ def test_an_empty_journal_is_read_as_no_rows_and_removed_with_the_batch(
     assert run_without_prefect(session)["complete"]
     assert llm_server.stats()["requests"] == 6
     assert not empty.exists()
+
+
+def test_a_response_orjson_refuses_is_still_journaled_as_one_line(tmp_path: Path) -> None:
+    # A python provider can return a str that is not valid UTF-8 (a lone surrogate): orjson
+    # refuses to encode it, and the answer must still be written, on its own line.
+    store = RunStore(str(tmp_path), "r")
+    journal = Journal(store, "b1")
+    journal.append(ok("k1", "half \ud83d of an emoji"), "id1", 0)
+    journal.append(ok("k2", "plain"), "id2", 0)
+    journal.close()
+    first, second = Path(journal.path).read_bytes().splitlines()
+    assert json.loads(first)[7] == "half \ud83d of an emoji"
+    assert json.loads(second)[7] == "plain"
