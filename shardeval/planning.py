@@ -8,6 +8,7 @@ when the batch is handed out, so a million-item plan never holds a million messa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,12 +71,17 @@ class RunPlan:
         """Digest of every row key in order: equal plans have equal fingerprints."""
         return digest([b.key for b in self.batches])
 
+    @functools.cached_property
+    def _renderer(self) -> PromptRenderer:
+        """One renderer for every batch (building one parses and compiles the templates)."""
+        return PromptRenderer(self.spec.prompt)
+
     def requests(self, batch: BatchRef) -> list[PlannedRequest]:
         """Render the requests of one batch (again: the plan keeps only keys)."""
         rows = self.rows.slice(batch.start, batch.stop - batch.start).to_pydict()
         first, last = rows["item_index"][0], rows["item_index"][-1]
         items = self.dataset.items(first, last + 1)
-        renderer = PromptRenderer(self.spec.prompt)
+        renderer = self._renderer
         rendered: dict[int, list[dict[str, str]]] = {}
         out = []
         for index, item_id, trial, key in zip(
