@@ -174,7 +174,7 @@ def rescore(run_id: str, *, spec: str | Path | None = None, output: str | None =
 
     No call to the evaluated model; ``llm_judge`` metrics call their judge for new judgements.
     """
-    from shardeval.launch import flow_settings, quiet_prefect, start_prefect
+    from shardeval.launch import prefect_for_flows, quiet_prefect
     from shardeval.overrides import resolve_spec
     from shardeval.rescore import prepare_rescore
 
@@ -185,8 +185,7 @@ def rescore(run_id: str, *, spec: str | Path | None = None, output: str | None =
     quiet_prefect()
     from flows.rescore import rescore as rescore_flow
 
-    start_prefect(False)
-    with flow_settings():
+    with prefect_for_flows(False):
         rescore_flow(run_id=run_id, spec=source, output=output)
     return Run(session.store)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from shardeval.display import spinner
@@ -28,7 +29,7 @@ def quiet_prefect(verbose: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def flow_settings() -> contextlib.AbstractContextManager[Any]:
+def _flow_settings() -> contextlib.AbstractContextManager[Any]:
     """Prefect settings for a flow this process runs itself (the CLI, ``shardeval.run``).
 
     Flow-run heartbeats are turned off unless the user set their frequency: at the end of a
@@ -43,7 +44,7 @@ def flow_settings() -> contextlib.AbstractContextManager[Any]:
     return temporary_settings(updates={"flows.heartbeat_frequency": None})
 
 
-def start_prefect(show: bool) -> None:
+def _start_prefect(show: bool) -> None:
     """Choose the Prefect API (see shardeval.local_server) and check that it answers.
 
     Without an explicit ``PREFECT_API_URL`` this is shardeval's local server, started once in
@@ -69,6 +70,18 @@ def start_prefect(show: bool) -> None:
         client.api_healthcheck()
 
 
+@contextlib.contextmanager
+def prefect_for_flows(show: bool) -> Iterator[None]:
+    """Prefect ready for the flows this process runs itself.
+
+    The API chosen and answering, then the settings such flows run with: every command and
+    ``shardeval`` function that runs a flow in this process enters this once.
+    """
+    _start_prefect(show)
+    with _flow_settings():
+        yield
+
+
 def run_evaluate(
     session: RunSession,
     *,
@@ -86,8 +99,7 @@ def run_evaluate(
         from shardeval.taskrunners import make_task_runner
 
         flow_fn = evaluate.with_options(task_runner=make_task_runner(task_runner, dask_address))
-    start_prefect(show)
-    with flow_settings():
+    with prefect_for_flows(show):
         summary: dict[str, Any] = flow_fn(
             spec=session,
             output=session.store.output,

@@ -85,7 +85,7 @@ def evaluate_session(
         with spinner("Checking the endpoint...", enabled=not quiet and sys.stderr.isatty()):
             session.preflight()
     show = not quiet and sys.stderr.isatty()
-    # Without PREFECT_API_URL, start_prefect gives the workers shardeval's local server.
+    # Without PREFECT_API_URL, prefect_for_flows gives the workers shardeval's local server.
     local_off = os.environ.get("SHARDEVAL_LOCAL_SERVER", "").strip() == "0"
     if runner_kind != "threads" and local_off and not has_prefect_server():
         err_console.print(f"[yellow]warning[/]: {_escape(NO_SERVER_WARNING)}")

@@ -83,15 +83,15 @@ def run_suite(
     with spinner("Loading Prefect...", enabled=show):
         from flows.suite import evaluate_suite
     route_prefect_logs(suite.store, verbose)
-    from shardeval.launch import flow_settings, start_prefect
+    from shardeval.launch import prefect_for_flows
 
-    start_prefect(show)
-    try:
-        with suite_progress(suite, enabled=not quiet), flow_settings():
-            evaluate_suite(suite=suite, wait=wait)
-    except ShardevalError:
-        _print_result(suite, time.monotonic() - started)
-        raise
+    with prefect_for_flows(show):
+        try:
+            with suite_progress(suite, enabled=not quiet):
+                evaluate_suite(suite=suite, wait=wait)
+        except ShardevalError:
+            _print_result(suite, time.monotonic() - started)
+            raise
     _print_result(suite, time.monotonic() - started)
     _gate(suite, fail_on_regression)
 

@@ -39,7 +39,7 @@ def rescore(
     started = time.monotonic()
     configure_logging(verbose)
     from shardeval.catalog import resolve_output
-    from shardeval.launch import flow_settings, start_prefect
+    from shardeval.launch import prefect_for_flows
     from shardeval.rescore import prepare_rescore
 
     source = spec_source(spec) if spec else None
@@ -49,8 +49,7 @@ def rescore(
     with spinner("Loading Prefect...", enabled=show):
         from flows.rescore import rescore as rescore_flow
     route_prefect_logs(job.store, verbose)
-    start_prefect(show)
-    with flow_settings():
+    with prefect_for_flows(show):
         summary = rescore_flow(run_id=run_id, spec=source, output=output, wait=wait)
     print_summary(
         summary,
