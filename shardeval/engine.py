@@ -230,8 +230,8 @@ class Engine:
         try:
             if self._paused_until:
                 await self._respect_pause()
-            if not stop.lease_current():
-                await self._wait_for_lease(stop)
+            if not stop.may_send():
+                await self._wait_to_send(stop)
             if stop.requested:
                 return Outcome(key=request.key, status="cancelled", attempts=tries.sent)
             if self.stop_error is not None:
@@ -377,13 +377,15 @@ class Engine:
         """
         return interrupt.stop_for(self.run_id).requested
 
-    async def _wait_for_lease(self, stop: interrupt.RunStop) -> None:
-        """Hold a request while the run's lease may have been taken over (see locking.py).
+    async def _wait_to_send(self, stop: interrupt.RunStop) -> None:
+        """Hold a request while the lease may have been taken over, or storage is behind.
 
         The heartbeat either renews the lease (the request goes) or finds it lost and stops
-        the run (the request is cancelled): either way nothing is paid twice.
+        the run (the request is cancelled): either way nothing is paid twice (locking.py).
+        An object store two flush windows behind the answers holds new requests until it
+        catches up, so that a kill loses at most that (part_writer.py).
         """
-        while not stop.lease_current() and not stop.requested:
+        while not stop.may_send() and not stop.requested:
             await asyncio.sleep(0.05)
 
     async def _watch_interrupt(self) -> None:

@@ -11,7 +11,8 @@ engine hands a batch's new requests here, and they go out in chunks of at most
   ``model.concurrency`` calls are in flight across all batches of the run;
 * **stops**: before each chunk, a stopped run (signal, budget, lost lease) sends nothing
   more; the requests left end ``cancelled`` or not sent, as the per-request path ends them;
-  the lease is checked (``_wait_for_lease``) before each chunk is sent;
+  the lease and the storage backlog are checked (``_wait_to_send``) before each chunk
+  is sent;
 * **retries**: a request whose call raised a transient error goes through the per-request
   path (``Engine._run``, tenacity's backoff and ``max_retries`` retries after it);
 * **outcomes and cost**: the same :class:`~shardeval.engine.Outcome` fields (latency is the
@@ -106,8 +107,8 @@ async def _send_chunk(engine: Engine, pending: Sequence[Pending], batch: int) ->
             acquired += 1
         chunk = pending[:acquired]
         stop = interrupt.stop_for(engine.run_id)
-        if not stop.lease_current():
-            await engine._wait_for_lease(stop)
+        if not stop.may_send():
+            await engine._wait_to_send(stop)
         if _stopped(engine, chunk):
             return len(chunk)
         provider: Any = engine._provider

@@ -66,6 +66,9 @@ class RunStop:
     send_until: float | None = None
     """Set while the run holds a lease in this process: past this (monotonic) time the lease
     may have been taken over, so new requests wait for the next renewal (see locking.py)."""
+    storage_behind: bool = False
+    """Set while the run's finished answers waiting to be written reach two flush windows (an
+    object store slower than the answers): new requests wait (see part_writer.py)."""
     _event: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -101,6 +104,10 @@ class RunStop:
         """Whether requests may go out as far as the lease is concerned (always, without one)."""
         until = self.send_until
         return until is None or time.monotonic() < until
+
+    def may_send(self) -> bool:
+        """Whether a new request may go out now: the lease is current and storage keeps up."""
+        return not self.storage_behind and self.lease_current()
 
     def grace_expired(self) -> bool:
         """Whether requests still in flight should now be abandoned."""
@@ -292,9 +299,12 @@ def handle_signals_in_dask_worker(worker: Any = None) -> None:
         except (ImportError, ValueError):  # not in a worker
             return
     _worker_handlers = True
+    raw = os.environ.get(GRACE_ENV, "5")
     try:
-        grace = float(os.environ.get(GRACE_ENV, "5"))
+        grace = float(raw)
     except ValueError:
+        # A worker must not die over this: a stop still ends its requests, after 5 s.
+        logger.warning("%s=%r is not a number of seconds: this worker uses 5", GRACE_ENV, raw)
         grace = 5.0
 
     def handler(number: int, frame: Any) -> None:

@@ -3,8 +3,12 @@
 A batch buffers its final outcomes and writes them as a small Parquet part (through
 :meth:`RunStore.write_part`, the store's atomic write) at least every ``flush_every_s``
 seconds or once the run's running batches hold ``flush_every_items`` unflushed items between
-them (:class:`FlushWindow`), so a kill loses at most one window. The write runs in a worker
-thread, never on the event loop that carries the requests. On local disk answers are journaled
+them (:class:`FlushWindow`). The write runs in a worker thread, never on the event loop that
+carries the requests. An object store slower than the answers would let written-but-not-yet-
+landed windows pile up (how many is the PUT's latency times the answer rate), so while the
+run holds ``BEHIND_WINDOWS`` windows unwritten its new requests wait
+(:attr:`shardeval.interrupt.RunStop.storage_behind`): a kill loses at most those windows and
+the requests in flight. On local disk answers are journaled
 as they arrive instead (:mod:`shardeval.journal`); there the flusher writes parts only for a
 batch whose journal could not be written. When a write fails, the run stops sending
 (:func:`shardeval.interrupt.stop_run`, ``storage_failed``) and the rows stay in memory while
@@ -37,6 +41,11 @@ logger = logging.getLogger("shardeval.runner")
 WRITE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 """Waits between the attempts to write a batch's buffered rows once writes fail (ENOSPC, an
 S3 hiccup): a few seconds in all, so that a store that comes back keeps them."""
+BEHIND_WINDOWS = 2
+"""Windows of finished rows not yet written (one being written, one filling) at which the
+run's new requests wait for the store: the bound on what a kill loses, beyond the requests in
+flight. One would halve an object store's throughput for a fast endpoint (each window would
+wait for the PUT before it)."""
 STORAGE_GRACE_S = 5.0
 """Requests in flight when the first write fails get this long (their answers are buffered)."""
 
@@ -51,9 +60,10 @@ class FlushWindow:
     flushes every batch's buffer (one part per batch), so a kill loses at most one window.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run_id: str) -> None:
         self._lock = threading.Lock()
         self._flushers: set[PartFlusher] = set()
+        self.run_id = run_id
 
     def register(self, flusher: PartFlusher) -> None:
         """A batch of the run started buffering."""
@@ -64,6 +74,17 @@ class FlushWindow:
         """A batch of the run ended."""
         with self._lock:
             self._flushers.discard(flusher)
+        self.note_backlog(flusher.work.flush_every_items)
+
+    def note_backlog(self, limit: int) -> None:
+        """Hold the run's new requests while ``BEHIND_WINDOWS`` windows wait to be written.
+
+        Decided and set under the window's lock, so that the last change of the backlog
+        (a part landing) always has the last word.
+        """
+        with self._lock:
+            unflushed = sum(f.unflushed for f in self._flushers)
+            interrupt.stop_for(self.run_id).storage_behind = unflushed >= BEHIND_WINDOWS * limit
 
     def full(self, limit: int) -> bool:
         """Whether the running batches hold ``limit`` unflushed items between them."""
@@ -93,7 +114,7 @@ def request_meta(
 def window_for(store: RunStore) -> FlushWindow:
     """The flush window of ``store``'s run in this process."""
     with _windows_lock:
-        return _windows.setdefault(store.root, FlushWindow())
+        return _windows.setdefault(store.root, FlushWindow(store.run_id))
 
 
 class PartFlusher:
@@ -118,9 +139,15 @@ class PartFlusher:
         self._lock = threading.Condition()
         self._sequence = 0
         self._writing = 0
+        self._writing_rows = 0
         self._failed: BaseException | None = None
         self.window = window_for(store)
         self.window.register(self)
+
+    @property
+    def unflushed(self) -> int:
+        """Finished rows of this batch not yet durable: buffered, or in a part being written."""
+        return len(self.buffer) + self._writing_rows
 
     def add(self, outcome: Outcome) -> None:
         """Buffer a final outcome; start a part when the run's window is full."""
@@ -133,6 +160,7 @@ class PartFlusher:
             self.window.flush_all(self)
         elif self.due():
             self.flush_soon()
+        self.window.note_backlog(self.work.flush_every_items)
 
     def due(self) -> bool:
         """Whether the buffer has waited ``flush_every_s`` (the time half of the window)."""
@@ -184,6 +212,7 @@ class PartFlusher:
             name = f"{time.time_ns():020d}-{self.token}-{self._sequence:05d}.parquet"
             self._sequence += 1
             self._writing += 1
+            self._writing_rows += len(rows)
         return self.store.part_path(self.work.key, name), rows
 
     def write(self, path: str, rows: list[Outcome]) -> None:
@@ -194,12 +223,15 @@ class PartFlusher:
             with self._lock:
                 self.buffer = rows + self.buffer
                 self._writing -= 1
+                self._writing_rows -= len(rows)
                 self._lock.notify_all()
             raise
         with self._lock:
             self.written.append(path)
             self._writing -= 1
+            self._writing_rows -= len(rows)
             self._lock.notify_all()
+        self.window.note_backlog(self.work.flush_every_items)
 
     def _write_noting_failure(self, path: str, rows: list[Outcome]) -> None:
         try:
