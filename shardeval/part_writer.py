@@ -140,6 +140,8 @@ class PartFlusher:
         self._sequence = 0
         self._writing = 0
         self._writing_rows = 0
+        self._committing = 0
+        """Rows :meth:`take` handed to the batch file, counted until :meth:`close`."""
         self._failed: BaseException | None = None
         self.window = window_for(store)
         self.window.register(self)
@@ -147,7 +149,7 @@ class PartFlusher:
     @property
     def unflushed(self) -> int:
         """Finished rows of this batch not yet durable: buffered, or in a part being written."""
-        return len(self.buffer) + self._writing_rows
+        return len(self.buffer) + self._writing_rows + self._committing
 
     def add(self, outcome: Outcome) -> None:
         """Buffer a final outcome; start a part when the run's window is full."""
@@ -268,13 +270,15 @@ class PartFlusher:
         with self._lock:
             self._lock.wait_for(lambda: self._writing == 0)
             rows, self.buffer = self.buffer, []
+            self._committing = len(rows)  # unwritten until the batch file lands
         return rows
 
     def restore(self, rows: list[Outcome]) -> None:
         """Put back rows :meth:`take` removed (their batch file could not be written)."""
         with self._lock:
             self.buffer = rows + self.buffer
+            self._committing = 0
 
     def close(self) -> None:
-        """Leave the run's window (the buffer is empty by now, or abandoned on an error)."""
+        """Leave the run's window: the batch committed (or gave up on an error)."""
         self.window.unregister(self)

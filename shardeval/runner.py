@@ -167,57 +167,76 @@ def run_batch(
     progress.batch_started(work.key, sum(1 for r in work.requests if r.key in have))
 
     flusher = PartFlusher(store, work)
-    journal = open_journal(store, work.key) if pending else None
+    # The batch stays in the run's flush window until it has committed: its last rows
+    # are unwritten until the batch file lands (part_writer.BEHIND_WINDOWS counts them).
     try:
-        outcomes, transient = _send(pending, engine, flusher, journal, progress, work)
-        complete = not transient and len(outcomes) == len(pending)
-        if not complete:
-            flusher.flush()
+        journal = open_journal(store, work.key) if pending else None
+        try:
+            outcomes, transient = _send(pending, engine, flusher, journal, progress, work)
+            complete = not transient and len(outcomes) == len(pending)
+            if not complete:
+                flusher.flush()
+        finally:
+            if journal is not None:
+                journal.close()
+
+        stop = interrupt.stop_for(work.run_id)
+        if stop.requested and not complete:
+            # Transient failures while stopping are not worth a task retry (they are not
+            # stored; the rerun sends them), and a retry would only delay the exit.
+            raise RunInterrupted(
+                f"{work.label}: stopped ({stop.reason}); finished items were saved"
+            )
+        if transient:
+            engine.raise_if_stopped()  # the endpoint is gone, or the key is wrong: say so
+            example = transient[0].error
+            raise BatchIncomplete(work.label, len(transient), example, work.run_id)
+        if not complete:  # the rest were cancelled: a stop, or the engine closed
+            raise RunInterrupted(f"{work.label}: stopped; finished items were saved")
+
+        fresh = outcomes_table(outcomes, *request_meta(work.requests)) if outcomes else None
+        table = _merge(stored, fresh, unique_keys)
+        # The batch file makes the items still buffered durable, so they are not written as a
+        # part first (one PUT fewer per batch); if the commit fails, they are flushed after all.
+        unflushed = flusher.take()
+        try:
+            store.write_table(store.batch_path(work.key), table)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                flusher.note_failure(exc, store.batch_path(work.key))
+            flusher.restore(unflushed)
+            with contextlib.suppress(Exception):  # the commit's error is the one to report
+                flusher.flush()
+            raise
+        if _holds_the_run(work.run_id):
+            store.delete(
+                read_parts + flusher.written + ([journal.path] if journal and journal.rows else [])
+            )
+            store.remove_empty_dir(store.parts_dir(work.key))
+        progress.batch_finished()
+        errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
+        return BatchPointer(
+            work.key,
+            store.url_of(store.batch_path(work.key)),
+            table.num_rows,
+            sent=len(outcomes),
+            reused=len(have),
+            errors=errors,
+        )
     finally:
         flusher.close()
-        if journal is not None:
-            journal.close()
 
-    stop = interrupt.stop_for(work.run_id)
-    if stop.requested and not complete:
-        # Transient failures while stopping are not worth a task retry (they are not
-        # stored; the rerun sends them), and a retry would only delay the exit.
-        raise RunInterrupted(f"{work.label}: stopped ({stop.reason}); finished items were saved")
-    if transient:
-        engine.raise_if_stopped()  # the endpoint is gone, or the key is wrong: say so
-        example = transient[0].error
-        raise BatchIncomplete(work.label, len(transient), example, work.run_id)
-    if not complete:  # the rest were cancelled: a stop, or the engine closed
-        raise RunInterrupted(f"{work.label}: stopped; finished items were saved")
 
-    fresh = outcomes_table(outcomes, *request_meta(work.requests)) if outcomes else None
-    table = _merge(stored, fresh, unique_keys)
-    # The batch file makes the items still buffered durable, so they are not written as a
-    # part first (one PUT fewer per batch); if the commit fails, they are flushed after all.
-    unflushed = flusher.take()
-    try:
-        store.write_table(store.batch_path(work.key), table)
-    except BaseException as exc:
-        if isinstance(exc, Exception):
-            flusher.note_failure(exc, store.batch_path(work.key))
-        flusher.restore(unflushed)
-        with contextlib.suppress(Exception):  # the commit's error is the one to report
-            flusher.flush()
-        raise
-    store.delete(
-        read_parts + flusher.written + ([journal.path] if journal and journal.rows else [])
-    )
-    store.remove_empty_dir(store.parts_dir(work.key))
-    progress.batch_finished()
-    errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
-    return BatchPointer(
-        work.key,
-        store.url_of(store.batch_path(work.key)),
-        table.num_rows,
-        sent=len(outcomes),
-        reused=len(have),
-        errors=errors,
-    )
+def _holds_the_run(run_id: str) -> bool:
+    """Whether this process may still delete the run's parts after a commit.
+
+    A process thawed after its lease expired (a paused VM) may find another process working
+    on the run, which has just listed these parts and is about to read them: deleting them
+    then would make it send their items again. Its committed file holds every row, so the
+    parts are left behind as clutter, as after a kill between a commit and its clean-up.
+    """
+    stop = interrupt.stop_for(run_id)
+    return stop.lease_current() and stop.reason != "lease_lost"
 
 
 def _unique(requests: Sequence[PlannedRequest]) -> list[PlannedRequest]:
@@ -309,10 +328,11 @@ def _send(
 ) -> tuple[list[Outcome], list[Outcome]]:
     """Send every pending request; return (final outcomes, transient failures).
 
-    On local disk a final outcome is journaled by the engine's thread the moment it arrives
-    (:class:`_Arrivals`), before this thread even wakes up; else it goes to the part flusher.
+    A final outcome is made durable by the engine's thread the moment it arrives
+    (:class:`_Arrivals`), before this thread even wakes up: journaled on local disk, handed to
+    the part flusher on an object store.
     """
-    arrivals = _Arrivals(journal, flusher.ids, flusher.trials, len(pending), work.label)
+    arrivals = _Arrivals(journal, flusher, len(pending), work.label)
     engine.submit_batch(
         [
             ProviderRequest(
@@ -331,11 +351,11 @@ def _send(
         arrivals.wake.wait(timeout=ARRIVALS_POLL_S)
         arrivals.wake.clear()  # before reading: an answer arriving meanwhile sets it again
         arrived = len(arrivals.outcomes)
-        for outcome, journaled in arrivals.outcomes[taken:arrived]:
+        for outcome, kept in arrivals.outcomes[taken:arrived]:
             progress.finished(outcome.status, outcome.error_kind, work.key)
             if outcome.is_final:
                 final.append(outcome)
-                if not journaled:
+                if not kept:  # the journal failed (a full disk): parts instead
                     flusher.add(outcome)
             elif outcome.status == "transient":
                 transient.append(outcome)
@@ -346,45 +366,47 @@ def _send(
 
 
 class _Arrivals:
-    """Outcomes as they arrive: journaled on the engine's thread, read by the batch's thread.
+    """Outcomes as they arrive: kept on the engine's thread, read by the batch's thread.
 
-    Writing on the thread that receives the answer closes the gap in which a kill would lose
+    Keeping on the thread that receives the answer closes the gap in which a kill would lose
     an answer already received (a wake-up of the batch's thread takes milliseconds on a busy
-    machine). A journaled answer does not wake the batch's thread (at thousands of answers a
-    second the wake-ups cost more than the answers): it reads what has arrived every
-    ``ARRIVALS_POLL_S``, and the last answer wakes it at once. An answer that is not
-    journaled (an object store: it is only durable once the part flusher has it) wakes it at
-    once, so that the flush window is counted in answers as they arrive. A journal write
-    that fails (a full disk) turns the journal off for the batch: its outcomes then go to
-    the part flusher, whose failure handling stops the run.
+    machine). On local disk an answer is journaled there; on an object store it is handed to
+    the part flusher there, so the run's flush window, and the hold of a run whose store falls
+    behind (part_writer.py), count every answer the moment it arrives. The batch's thread is
+    not woken for every answer (at thousands of answers a second the wake-ups cost more than
+    the answers): it reads what has arrived every ``ARRIVALS_POLL_S``, and the last answer
+    wakes it at once. A journal write that fails (a full disk) turns the journal off for the
+    batch: its outcomes then go to the part flusher from the batch's thread, whose failure
+    handling stops the run.
     """
 
     def __init__(
-        self,
-        journal: Journal | None,
-        ids: dict[str, str],
-        trials: dict[str, int],
-        expected: int,
-        label: str,
+        self, journal: Journal | None, flusher: PartFlusher, expected: int, label: str
     ) -> None:
         self.journal = journal
-        self.ids, self.trials = ids, trials
+        self.flusher = flusher if journal is None else None
+        """The part flusher, fed from the engine's thread (object stores only)."""
+        self.ids, self.trials = flusher.ids, flusher.trials
         self.expected = expected
         self.label = label
         self.outcomes: list[tuple[Outcome, bool]] = []
-        """Appended by the engine's thread only (whether each was journaled)."""
+        """Appended by the engine's thread only (whether each was kept there)."""
         self.wake = threading.Event()
 
     def on_done(self, outcome: Outcome) -> None:
         journal = self.journal
-        journaled = False
-        if journal is not None and outcome.is_final:
-            try:
-                journal.append(outcome, self.ids.get(outcome.key), self.trials.get(outcome.key))
-                journaled = True
-            except OSError as exc:
-                logger.warning("%s: cannot append to %s: %s", self.label, journal.path, exc)
-                self.journal = None
-        self.outcomes.append((outcome, journaled))
-        if not journaled or len(self.outcomes) >= self.expected:
+        kept = False
+        if outcome.is_final:
+            if journal is not None:
+                try:
+                    journal.append(outcome, self.ids.get(outcome.key), self.trials.get(outcome.key))
+                    kept = True
+                except OSError as exc:
+                    logger.warning("%s: cannot append to %s: %s", self.label, journal.path, exc)
+                    self.journal = None
+            elif self.flusher is not None:
+                self.flusher.add(outcome)
+                kept = True
+        self.outcomes.append((outcome, kept))
+        if not kept or len(self.outcomes) >= self.expected:
             self.wake.set()
