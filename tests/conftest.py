@@ -13,6 +13,7 @@ running in the user's ``~/.shardeval``) and stops whatever was started there whe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -25,6 +26,14 @@ import pytest
 
 from shardeval.testing.server import ServerConfig, TestServer
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server
+
+# CPython 3.11 keeps the AST constructor's recursion depth in state that threads share
+# (python/cpython#106905): pytest rewriting a third-party module named conftest.py
+# (beartype's, which Prefect's server imports in the first test that starts one) while
+# another thread builds an AST fails that test's setup with "SystemError: AST constructor
+# recursion depth mismatch". Importing it here does the rewrite while only one thread runs.
+with contextlib.suppress(ImportError):
+    import beartype  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -114,8 +114,9 @@ def test_lost_lease_stops_the_old_holder_and_names_the_new_one(
         # What the frozen holder had answered but not yet stored when it froze: requests in
         # flight, and the finished rows not yet written (the window filling, the window whose
         # part was uploading): a run whose store falls two windows behind holds its new
-        # requests (part_writer.BEHIND_WINDOWS). Without that hold the uploads in flight grew
-        # with the answer rate: 35-67 were paid twice here once the engine got faster.
+        # requests (part_writer.BEHIND_WINDOWS). Observed: 0-18. A thawed holder that deleted
+        # the parts of a batch it committed on waking made the new holder, which had just
+        # listed them, send the batch again: 52-68 (runner._holds_the_run).
         assert again <= CONCURRENCY + BEHIND_WINDOWS * FLUSH_WINDOW, (
             f"{again} paid twice: the old holder kept sending"
         )
