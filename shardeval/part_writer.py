@@ -57,7 +57,8 @@ class FlushWindow:
     interleaved. Counting ``flush_every_items`` per batch would let each of them hold a window
     of unflushed items, and a kill would lose one window per running batch. The count is
     therefore kept per run: whichever batch brings the run's unflushed items to the limit
-    flushes every batch's buffer (one part per batch), so a kill loses at most one window.
+    flushes every batch's buffer (one part per batch), so the run buffers at most one window;
+    with the parts still uploading, what a kill can lose is bounded by ``BEHIND_WINDOWS``.
     """
 
     def __init__(self, run_id: str) -> None:
