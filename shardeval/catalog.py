@@ -41,6 +41,8 @@ def list_run_ids(output: str) -> list[str]:
 
 def not_found(output: str, run_id: str) -> RunNotFound:
     """The error for an unknown run id: the closest ids under ``output`` in its hint."""
+    if "/" in run_id.rstrip("/"):
+        return _a_path_for_an_id(run_id)
     ids = list_run_ids(output)
     where = RunStore(output, run_id).url_of(posixpath.dirname(RunStore(output, run_id).root))
     if not ids:
@@ -51,6 +53,22 @@ def not_found(output: str, run_id: str) -> RunNotFound:
         label = "closest runs stored there" if close else "runs stored there"
         hint = f"{label}: {', '.join(shown)}; or pass --output with another location"
     return RunNotFound(f"no run {run_id!r} under {where}", hint=hint)
+
+
+def _a_path_for_an_id(path: str) -> RunNotFound:
+    """A run's directory where its id belongs (``shardeval run`` prints ``results: <dir>``)."""
+    parent, run_id = posixpath.split(path.rstrip("/"))
+    if posixpath.basename(parent) != "runs":
+        return RunNotFound(
+            f"{path!r} is not a run id",
+            hint="a run id looks like arith-1a2b3c4d5e (`shardeval runs` lists them)",
+        )
+    output = posixpath.dirname(parent) or "."
+    return RunNotFound(
+        f"{path!r} is a run's directory, not a run id",
+        hint=f"that is run {run_id} under {output}: pass {run_id} with --output {output} "
+        f'(in Python: open_run("{run_id}", output="{output}"))',
+    )
 
 
 def open_store(output: str, run_id: str) -> RunStore:

@@ -276,14 +276,10 @@ class Engine:
         budget.charge(
             self.run_id, self.model, completion.prompt_tokens, completion.completion_tokens
         )
-        return Outcome(
-            key=request.key,
-            status="ok",
-            response=completion.text,
+        return Outcome.answered(
+            request.key,
+            completion,
             latency_s=time.perf_counter() - started,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            finish_reason=completion.finish_reason,
             attempts=tries.sent,
             finished_at=time.time(),
         )

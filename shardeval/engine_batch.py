@@ -125,16 +125,8 @@ async def _send_chunk(engine: Engine, pending: Sequence[Pending], batch: int) ->
                 engine,
                 request,
                 answer,
-                Outcome(
-                    key=request.key,
-                    status="ok",
-                    response=result.text,
-                    latency_s=seconds,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    finish_reason=result.finish_reason,
-                    attempts=1,
-                    finished_at=now,
+                Outcome.answered(
+                    request.key, result, latency_s=seconds, attempts=1, finished_at=now
                 ),
             )
         elif isinstance(result, PermanentProviderError) and result.status not in AUTH:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import orjson
 import pyarrow as pa
 
-from shardeval.outcome import Outcome
+from shardeval.outcome import Outcome, storable
 from shardeval.results import GENERATION_FIELDS, GENERATION_SCHEMA
 from shardeval.storage import RunStore
 
@@ -207,6 +207,8 @@ def _parse(raw: bytes) -> list[object] | None:
             row = json.loads(raw)
         except ValueError:
             return None
+        if isinstance(row, list):  # written before answers were mended: mend it on reading
+            row = [storable(value) if isinstance(value, str) else value for value in row]
     if not isinstance(row, list) or len(row) != _N_FIELDS:
         return None
     for value, types in zip(row, _TYPES, strict=True):

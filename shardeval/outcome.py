@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from shardeval.errors import ProviderError, TransientProviderError
 
+if TYPE_CHECKING:
+    from shardeval.providers.base import Completion
+
 OutcomeStatus = Literal["ok", "error", "transient", "cancelled"]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    r"""``text`` as UTF-8 can hold it: a surrogate pair joined, a lone surrogate as U+FFFD.
+
+    A Python string may hold surrogates (half an emoji cut by a token limit, a function that
+    builds text from UTF-16), but the journal and Parquet store UTF-8, which has no code for
+    them: left in, the batch's file could never be written, and every rerun would fail on the
+    same stored answer. Mended once, where an answer or an error becomes an outcome.
+    """
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 @dataclass(slots=True)
@@ -39,6 +57,29 @@ class Outcome:
         return self.status in ("ok", "error")
 
     @classmethod
+    def answered(
+        cls,
+        key: str,
+        completion: Completion,
+        *,
+        latency_s: float,
+        attempts: int,
+        finished_at: float,
+    ) -> Outcome:
+        """A request the model answered: an ``ok`` row."""
+        return cls(
+            key=key,
+            status="ok",
+            response=storable(completion.text),
+            latency_s=latency_s,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            finish_reason=completion.finish_reason,
+            attempts=attempts,
+            finished_at=finished_at,
+        )
+
+    @classmethod
     def failed(
         cls,
         key: str,
@@ -52,7 +93,7 @@ class Outcome:
         return cls(
             key=key,
             status=status,
-            error=exc.message,
+            error=storable(exc.message),
             error_kind=error_kind(exc),
             http_status=exc.status,
             latency_s=latency_s,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import email.utils
 import json
 import os
-import re
 import time
 from typing import Any
 
@@ -25,13 +24,13 @@ from shardeval.errors import (
     SpecError,
     TransientProviderError,
 )
+from shardeval.outcome import storable
 from shardeval.providers.base import Completion, ProviderRequest
 from shardeval.spec import ModelSpec
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # 408 request timeout, 409 conflict (some gateways), 425 too early, 429 rate limit: all pass.
 TRANSIENT_4XX = frozenset({408, 409, 425, 429})
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class OpenAIProvider:
@@ -105,14 +104,14 @@ def _decode(body: bytes) -> Any:
     r"""JSON from bytes; the stdlib for what orjson refuses.
 
     That is the escape of a lone surrogate (``"\ud83d"``, half an emoji cut by a token
-    limit): valid JSON, but not a string UTF-8 can store, so it becomes U+FFFD here, once,
-    before the journal and Parquet see it.
+    limit): valid JSON, but not a string UTF-8 can store, so it becomes U+FFFD here
+    (:func:`~shardeval.outcome.storable`), since any field of the answer may hold it.
     """
     try:
         return orjson.loads(body)
     except ValueError:
         data = json.dumps(json.loads(body), ensure_ascii=False)
-        return json.loads(_LONE_SURROGATE.sub("\ufffd", data))
+        return json.loads(storable(data))
 
 
 def _parse_completion(body: bytes) -> Completion:

@@ -61,3 +61,21 @@ def judge_sum(item: dict[str, Any], messages: list[dict[str, str]]) -> str:
 def counted_model(item: dict[str, Any], messages: list[dict[str, str]]) -> dict[str, Any]:
     """A python-provider model that reports token counts (10 in, 2 out) like an API does."""
     return {"text": str(item["answer"]), "prompt_tokens": 10, "completion_tokens": 2}
+
+
+SURROGATE_CALLS: list[str] = []
+
+
+def surrogate_model(item: dict[str, Any], messages: list[dict[str, str]]) -> str:
+    """Half an emoji (a lone surrogate) for q00001, an error with one for q00002; counted."""
+    SURROGATE_CALLS.append(item["id"])
+    if item["id"] == "q00001":
+        return "half an emoji \ud83d"
+    if item["id"] == "q00002":
+        raise ValueError("cannot say \udc00")
+    return str(item["answer"])
+
+
+async def async_surrogate_model(item: dict[str, Any], messages: list[dict[str, str]]) -> str:
+    """:func:`surrogate_model` as a coroutine (the engine's per-request path)."""
+    return surrogate_model(item, messages)

@@ -74,7 +74,9 @@ def test_open_run_reads_metrics_results_and_status(tmp_path: Path) -> None:
     assert run.status().state == "complete"
 
 
-def test_an_unknown_run_lists_the_closest_ids(tmp_path: Path) -> None:
+def test_an_unknown_run_lists_the_closest_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from shardeval.session import RunSession
 
     out = tmp_path / "out"
@@ -86,3 +88,11 @@ def test_an_unknown_run_lists_the_closest_ids(tmp_path: Path) -> None:
         shardeval.open_run(typo, output=str(out))
     assert session.run_id in str(caught.value)
     assert caught.value.exit_code == 2
+
+    # A relative run directory (what `shardeval run` prints as "results:") where its id
+    # belongs: the error names the id and the output to pass instead.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunNotFound) as caught:
+        shardeval.open_run(f"out/runs/{session.run_id}")
+    assert f"pass {session.run_id} with --output out" in str(caught.value)
+    assert shardeval.open_run(session.run_id, output=str(out)).metrics is not None
