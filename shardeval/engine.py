@@ -424,3 +424,9 @@ class Engine:
             self._call(shutdown()).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            # Closed here rather than by the collector: a loop collected in a cycle with its
+            # self-pipe socket may find the socket finalized first, and print "Exception
+            # ignored in BaseEventLoop.__del__ ... Invalid file descriptor: -1" (seen on the
+            # console of a Ctrl-C'd run on Dask, whose workers close engines at exit).
+            self._loop.close()

@@ -55,6 +55,18 @@ def test_answers_and_usage(server: TestServer) -> None:
     assert server.stats()["requests"] == 20
 
 
+def test_closing_closes_the_loop_and_later_requests_end_cancelled(server: TestServer) -> None:
+    # Left to the collector, an unclosed loop can print a traceback from its __del__ (its
+    # self-pipe socket finalized first), on the console of a stopped run's exit.
+    engine = Engine(model(server))
+    assert run_all(engine, [request(1)])[0].status == "ok"
+    engine.close()
+    assert engine._loop.is_closed()
+    engine.close()  # idempotent
+    late = engine.submit(request(2)).result(timeout=5)
+    assert late.status == "cancelled" and late.error == "engine closed"
+
+
 def test_concurrency_limit_is_shared_by_all_callers(server: TestServer) -> None:
     engine = Engine(model(server, concurrency=4))
     try:
