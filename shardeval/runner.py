@@ -180,39 +180,11 @@ def run_batch(
             if journal is not None:
                 journal.close()
 
-        stop = interrupt.stop_for(work.run_id)
-        if stop.requested and not complete:
-            # Transient failures while stopping are not worth a task retry (they are not
-            # stored; the rerun sends them), and a retry would only delay the exit.
-            raise RunInterrupted(
-                f"{work.label}: stopped ({stop.reason}); finished items were saved"
-            )
-        if transient:
-            engine.raise_if_stopped()  # the endpoint is gone, or the key is wrong: say so
-            example = transient[0].error
-            raise BatchIncomplete(work.label, len(transient), example, work.run_id)
-        if not complete:  # the rest were cancelled: a stop, or the engine closed
-            raise RunInterrupted(f"{work.label}: stopped; finished items were saved")
-
+        _raise_unless_complete(work, engine, complete, transient)
         fresh = outcomes_table(outcomes, *request_meta(work.requests)) if outcomes else None
         table = _merge(stored, fresh, unique_keys)
-        # The batch file makes the items still buffered durable, so they are not written as a
-        # part first (one PUT fewer per batch); if the commit fails, they are flushed after all.
-        unflushed = flusher.take()
-        try:
-            store.write_table(store.batch_path(work.key), table)
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                flusher.note_failure(exc, store.batch_path(work.key))
-            flusher.restore(unflushed)
-            with contextlib.suppress(Exception):  # the commit's error is the one to report
-                flusher.flush()
-            raise
-        if _holds_the_run(work.run_id):
-            store.delete(
-                read_parts + flusher.written + ([journal.path] if journal and journal.rows else [])
-            )
-            store.remove_empty_dir(store.parts_dir(work.key))
+        journaled = [journal.path] if journal and journal.rows else []
+        _commit(store, work, flusher, table, read_parts + journaled)
         progress.batch_finished()
         errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
         return BatchPointer(
@@ -225,6 +197,46 @@ def run_batch(
         )
     finally:
         flusher.close()
+
+
+def _raise_unless_complete(
+    work: BatchWork, engine: Engine, complete: bool, transient: list[Outcome]
+) -> None:
+    """Why a batch that did not get every answer cannot commit (nothing if it did)."""
+    stop = interrupt.stop_for(work.run_id)
+    if stop.requested and not complete:
+        # Transient failures while stopping are not worth a task retry (they are not
+        # stored; the rerun sends them), and a retry would only delay the exit.
+        raise RunInterrupted(f"{work.label}: stopped ({stop.reason}); finished items were saved")
+    if transient:
+        engine.raise_if_stopped()  # the endpoint is gone, or the key is wrong: say so
+        example = transient[0].error
+        raise BatchIncomplete(work.label, len(transient), example, work.run_id)
+    if not complete:  # the rest were cancelled: a stop, or the engine closed
+        raise RunInterrupted(f"{work.label}: stopped; finished items were saved")
+
+
+def _commit(
+    store: RunStore, work: BatchWork, flusher: PartFlusher, table: pa.Table, parts: list[str]
+) -> None:
+    """Write the batch file, then remove the batch's parts (``parts`` and the flusher's).
+
+    The batch file makes the items still buffered durable, so they are not written as a part
+    first (one PUT fewer per batch); if the commit fails, they are flushed after all.
+    """
+    unflushed = flusher.take()
+    try:
+        store.write_table(store.batch_path(work.key), table)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            flusher.note_failure(exc, store.batch_path(work.key))
+        flusher.restore(unflushed)
+        with contextlib.suppress(Exception):  # the commit's error is the one to report
+            flusher.flush()
+        raise
+    if _holds_the_run(work.run_id):
+        store.delete(parts + flusher.written)
+        store.remove_empty_dir(store.parts_dir(work.key))
 
 
 def _holds_the_run(run_id: str) -> bool:
