@@ -1,7 +1,8 @@
 """An S3 output whose bucket disappears mid-run: exit 1 with the cause in one line; rerun completes.
 
 A real ``shardeval run`` writes to moto (server mode, in a process of its own); the test
-deletes the bucket while the run is busy. The run must stop sending, say which path failed
+deletes the bucket while the run is busy (with the server slowed down first, so that the run
+cannot finish before the deletion takes effect). The run must stop sending, say which path failed
 and why in one line (no botocore or Prefect traceback on the console), and once the bucket
 is back the same command completes.
 """
@@ -16,12 +17,24 @@ from pathlib import Path
 import pytest
 
 from shardeval.testing.server import ServerConfig, TestServer
-from tests.crash.harness import crash_spec, output_of, start_run, stderr_of, wait_for_answers
+from tests.crash.harness import (
+    crash_spec,
+    output_of,
+    stall,
+    start_run,
+    stderr_of,
+    wait_for_answers,
+)
 from tests.s3.servers import MotoBackend
 
 pytestmark = pytest.mark.slow
 
 N_ITEMS = 600
+# Once the bucket is going, answers come this slowly: the rest of the run would take 15 s at
+# the spec's 16 in flight, so a run that went on sending after its writes failed is caught
+# whatever the load, while the bucket's deletion (which races with the run's part writes and
+# takes seconds on a busy machine) no longer races with the run finishing.
+SLOW_LATENCY_S = 0.5
 
 
 def delete_bucket(fs: object, bucket: str, timeout: float = 30) -> None:
@@ -60,6 +73,7 @@ def test_bucket_deleted_mid_run(
     env = moto_s3.env()
     first = start_run(spec, prefect_api, logs, env=env)
     assert wait_for_answers(slow_server, first, 100), output_of(logs)
+    stall(slow_server, first, latency_s=SLOW_LATENCY_S)
     delete_bucket(moto_s3.filesystem(), bucket)
     assert first.wait(timeout=120) == 1, output_of(logs)
     err = stderr_of(logs)
@@ -70,6 +84,7 @@ def test_bucket_deleted_mid_run(
     assert slow_server.stats()["completions"] < N_ITEMS, "the run went on sending"
 
     moto_s3.filesystem().mkdir(bucket)
+    slow_server.configure(latency_min=0.02, latency_max=0.05)
     rerun = start_run(spec, prefect_api, logs, env=env)
     assert rerun.wait(timeout=300) == 0, output_of(logs)
     assert "items: 600" in output_of(logs)
