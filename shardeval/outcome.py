@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 import time
 from dataclasses import dataclass
@@ -27,6 +28,22 @@ def storable(text: str) -> str:
     if text.isascii() or _SURROGATE.search(text) is None:
         return text
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def token_count(value: object) -> int | None:
+    """A token count as an ``int``, or None (unknown) if it is no whole number.
+
+    The answer was paid for and is kept either way: a count a server sent as ``"12"`` (or a
+    registered provider passed on) must not make the batch's Parquet write fail, and with it
+    every rerun. numpy's integers are ints here; ``True`` is not a count.
+    """
+    if type(value) is int or value is None:
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        return None
+    return operator.index(value)
 
 
 @dataclass(slots=True)
@@ -66,15 +83,16 @@ class Outcome:
         attempts: int,
         finished_at: float,
     ) -> Outcome:
-        """A request the model answered: an ``ok`` row."""
+        """A request the model answered: an ``ok`` row (its fields as Parquet can store them)."""
+        reason = completion.finish_reason
         return cls(
             key=key,
             status="ok",
             response=storable(completion.text),
             latency_s=latency_s,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            finish_reason=completion.finish_reason,
+            prompt_tokens=token_count(completion.prompt_tokens),
+            completion_tokens=token_count(completion.completion_tokens),
+            finish_reason=None if reason is None else storable(str(reason)),
             attempts=attempts,
             finished_at=finished_at,
         )

@@ -413,7 +413,9 @@ class _Arrivals:
                 try:
                     journal.append(outcome, self.ids.get(outcome.key), self.trials.get(outcome.key))
                     kept = True
-                except OSError as exc:
+                except Exception as exc:  # a full disk, or a value no line can hold
+                    # Never raised on: the engine would drop this outcome, and the batch's
+                    # thread would wait for it forever.
                     logger.warning("%s: cannot append to %s: %s", self.label, journal.path, exc)
                     self.journal = None
             elif self.flusher is not None:

@@ -123,13 +123,24 @@ def _parse_completion(body: bytes) -> Completion:
         # A proxy answering 200 with an HTML page is a passing fault, not the model's answer.
         text = body[:200].decode("utf-8", errors="replace")
         raise TransientProviderError(f"malformed response: {text!r}") from exc
-    usage = data.get("usage") or {}
-    return Completion(
-        text=content,
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    return Completion(  # counts and reason as sent: Outcome.answered makes them storable
+        text=content if isinstance(content, str) else _text_of(content),
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),
         finish_reason=choice.get("finish_reason"),
     )
+
+
+def _text_of(content: Any) -> str:
+    """Message content that is not a string: a list of parts (``{"type": "text", ...}``)."""
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text") or "") if isinstance(part, dict) else str(part) for part in content
+        )
+    return str(content)
 
 
 def _http_error(status: int, text: str, retry_after: str | None) -> Exception:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from shardeval.errors import PermanentProviderError, ProviderError, SpecError
+from shardeval.outcome import token_count
 from shardeval.providers.base import Completion, ProviderRequest
 from shardeval.registry import import_object
 from shardeval.spec import ModelSpec
@@ -191,17 +192,38 @@ def _fail_unsettled(group: list[tuple[tuple[Any, ...], _Future]], running: _Futu
 
 
 def _to_completion(result: Any) -> Completion:
-    if isinstance(result, Completion):
-        return result
+    """The function's result as a :class:`Completion`, or an error row saying what was wrong.
+
+    Checked here rather than trusted: a token count of the wrong type (``"12"``, ``1.5``)
+    would be journaled as the answer and then fail the batch's Parquet write, on every
+    rerun, so the run could never finish.
+    """
     if isinstance(result, str):
         return Completion(text=result)
-    if isinstance(result, Mapping) and "text" in result:
-        return Completion(
-            text=str(result["text"]),
-            prompt_tokens=result.get("prompt_tokens"),
-            completion_tokens=result.get("completion_tokens"),
-            finish_reason=result.get("finish_reason"),
+    if isinstance(result, Completion):
+        fields: Mapping[str, Any] = vars(result)
+    elif isinstance(result, Mapping) and "text" in result:
+        fields = result
+    else:
+        raise PermanentProviderError(
+            f"the function returned {type(result).__name__}; expected str or a mapping with 'text'"
         )
-    raise PermanentProviderError(
-        f"the function returned {type(result).__name__}; expected str or a mapping with 'text'"
+    reason = fields.get("finish_reason")
+    return Completion(
+        text=str(fields["text"]),
+        prompt_tokens=_token_count(fields, "prompt_tokens"),
+        completion_tokens=_token_count(fields, "completion_tokens"),
+        finish_reason=None if reason is None else str(reason),
     )
+
+
+def _token_count(fields: Mapping[str, Any], name: str) -> int | None:
+    """``fields[name]`` as an int (numpy's integers included), None if absent or None."""
+    value = fields.get(name)
+    count = token_count(value)
+    if count is None and value is not None:
+        raise PermanentProviderError(
+            f"the function returned {name}={value!r} ({type(value).__name__}); "
+            "expected an int or None"
+        )
+    return count

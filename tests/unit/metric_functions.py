@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,3 +80,28 @@ def surrogate_model(item: dict[str, Any], messages: list[dict[str, str]]) -> str
 async def async_surrogate_model(item: dict[str, Any], messages: list[dict[str, str]]) -> str:
     """:func:`surrogate_model` as a coroutine (the engine's per-request path)."""
     return surrogate_model(item, messages)
+
+
+class Reason(enum.Enum):
+    """A finish reason some libraries return as an enum, stored as its ``str``."""
+
+    X = "x"
+
+
+def badly_typed_model(item: dict[str, Any], messages: list[dict[str, str]]) -> dict[str, Any]:
+    """Token counts of the wrong type for q00001 and q00002; numpy-like ints elsewhere."""
+    if item["id"] == "q00001":
+        return {"text": "1", "prompt_tokens": "12"}
+    if item["id"] == "q00002":
+        return {"text": "2", "completion_tokens": 1.5}
+    return {"text": str(item["answer"]), "prompt_tokens": _Index(7), "finish_reason": Reason.X}
+
+
+class _Index:
+    """An integer type that is not ``int`` (numpy's ``int64`` behaves like this)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value

@@ -144,3 +144,25 @@ def test_a_response_orjson_refuses_is_still_journaled_as_one_line(tmp_path: Path
     first, second = Path(journal.path).read_bytes().splitlines()
     assert json.loads(first)[7] == "half \ud83d of an emoji"
     assert json.loads(second)[7] == "plain"
+
+
+def test_an_answer_no_journal_line_can_hold_is_still_delivered(tmp_path: Path) -> None:
+    # on_done runs on the engine's thread: had it raised, the batch's thread would have waited
+    # for this outcome forever. The journal is turned off for the batch instead, and the
+    # outcome goes on (unkept) to the batch's thread, whose part write then says what failed.
+    from shardeval.part_writer import PartFlusher
+    from shardeval.runner import _Arrivals
+    from tests.unit.test_flush_backlog import batch
+
+    store = RunStore(str(tmp_path), "r")
+    work = batch("r", 1, ["k1", "k2"])
+    journal = Journal(store, work.key)
+    arrivals = _Arrivals(journal, PartFlusher(store, work), expected=2, label="batch 1/2")
+    arrivals.on_done(ok("k1"))
+    unencodable = Outcome(key="k2", status="ok", response="x", finish_reason=object())  # type: ignore[arg-type]
+    arrivals.on_done(unencodable)
+    journal.close()
+    assert [(o.key, kept) for o, kept in arrivals.outcomes] == [("k1", True), ("k2", False)]
+    assert arrivals.journal is None and arrivals.wake.is_set()
+    table = read_journal(journal.path)
+    assert table is not None and table.column("item_key").to_pylist() == ["k1"]

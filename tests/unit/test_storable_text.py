@@ -7,6 +7,7 @@ file could never be written and every rerun would fail on the same journaled ans
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,16 +29,23 @@ def test_storable_joins_a_pair_and_replaces_a_lone_surrogate() -> None:
     storable("x\ud800").encode("utf-8")  # no longer raises
 
 
+def complete_run(tmp_path: Path, function: str, n_items: int) -> dict[str, dict[str, Any]]:
+    """Run ``metric_functions.<function>`` as the model, in batches of 3; its rows by item id."""
+    model = {"provider": "python", "function": f"tests.unit.metric_functions:{function}"}
+    spec = write_spec(
+        tmp_path, n_items=n_items, batch_size=3, output=str(tmp_path / "out"), model=model
+    )
+    session = RunSession.prepare(str(spec))
+    summary = run_without_prefect(session)
+    assert summary["complete"] and summary["n_rows"] == n_items
+    return {r["item_id"]: r for r in pq.read_table(session.store.results_path).to_pylist()}
+
+
 @pytest.mark.parametrize("function", ["surrogate_model", "async_surrogate_model"])
 def test_a_run_whose_model_returns_a_lone_surrogate_completes(
     tmp_path: Path, function: str
 ) -> None:
-    model = {"provider": "python", "function": f"tests.unit.metric_functions:{function}"}
-    spec = write_spec(tmp_path, n_items=6, batch_size=3, output=str(tmp_path / "out"), model=model)
-    session = RunSession.prepare(str(spec))
-    summary = run_without_prefect(session)
-    assert summary["complete"] and summary["n_rows"] == 6
-    rows = {r["item_id"]: r for r in pq.read_table(session.store.results_path).to_pylist()}
+    rows = complete_run(tmp_path, function, n_items=6)
     assert rows["q00001"]["response"] == "half an emoji \ufffd"
     assert rows["q00002"]["status"] == "error"
     assert "cannot say \ufffd" in rows["q00002"]["error"]
@@ -64,3 +72,18 @@ def test_a_journaled_lone_surrogate_is_mended_on_reading_and_not_asked_again(
     assert metric_functions.SURROGATE_CALLS == []
     responses = pq.read_table(session.store.results_path).column("response").to_pylist()
     assert responses == ["old \ufffd"] * 3
+
+
+def test_a_token_count_of_the_wrong_type_is_an_error_row_and_the_run_completes(
+    tmp_path: Path,
+) -> None:
+    # Journaled as the answer, "12" made the batch's Parquet write fail on every rerun.
+    rows = complete_run(tmp_path, "badly_typed_model", n_items=4)
+    assert rows["q00001"]["status"] == "error"
+    assert rows["q00001"]["error"] == (
+        "the function returned prompt_tokens='12' (str); expected an int or None"
+    )
+    assert rows["q00002"]["status"] == "error"
+    assert "completion_tokens=1.5 (float)" in rows["q00002"]["error"]
+    fine = rows["q00003"]
+    assert (fine["status"], fine["prompt_tokens"], fine["finish_reason"]) == ("ok", 7, "Reason.X")
