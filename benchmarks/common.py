@@ -8,6 +8,7 @@ server and this process CPU in proportion to how long the run took, on the same 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -55,3 +56,31 @@ def timed_run(
         "after_last_answer_s": ended - last if last else nan,
         "requests": stats["requests"],
     }
+
+
+def process_tree_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) ``pid`` and its live descendants have spent (Linux).
+
+    For the servers a benchmark starts beside the client (the test server, a Prefect
+    server): their CPU is taken from the same cores as the client's. None without ``/proc``.
+    """
+    if pid is None or not os.path.isdir("/proc"):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    tree, total = {pid}, 0.0
+    for candidate in sorted(stats):  # children have larger pids, except after a wrap
+        if candidate in tree or stats[candidate][0] in tree:
+            tree.add(candidate)
+    for member in tree:
+        total += stats.get(member, (0, 0.0))[1]
+    return total

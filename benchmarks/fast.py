@@ -17,7 +17,11 @@ times, are what compares across loads. On a loaded machine the request phases sw
 the load (the bare client too), so each line also gives the CPU each process spent per
 request at the margin (its CPU time minus that of the same command over one item, divided
 by the items): ``cpu_ratio`` = shardeval's / the bare client's, a figure the load moves
-much less.
+much less. ``*_run_cpu_ms_per_request`` adds the processes beside the client (the test server,
+and the Prefect server when the script started it), and ``two_core_floor_ratio`` is the ratio
+those CPU costs alone allow on this machine's cores (each run's time per request is at least
+its client's CPU, bound by one GIL, and at least all its processes' CPU over the cores): a
+ratio at its floor can only improve by spending less CPU, not by scheduling it better.
 
     python benchmarks/fast.py [--items 20000] [--latency 0.001] [--concurrency 64,256]
                               [--batch-size 500] [--repeats 2] [--prefect-api URL]
@@ -46,7 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import timed_run  # noqa: E402
+from benchmarks.common import process_tree_cpu_s, timed_run  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
@@ -78,16 +82,44 @@ async def _bare(url: str, items_path: Path, concurrency: int) -> None:
         await asyncio.gather(*(one(item) for item in items))
 
 
+def _rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 3) for name, value in figures.items()}
+
+
 def children_cpu_s() -> float:
     """CPU seconds (user + system) of this script's finished subprocesses so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def bare_run(server: TestServer, items_path: Path, concurrency: int) -> dict[str, Any]:
+class Neighbours:
+    """The processes beside the client on the same cores: the test server, a Prefect server.
+
+    Their CPU per request, with the client's, bounds a request phase from below on a machine
+    of ``os.cpu_count()`` cores (see ``two_core_floor_ratio`` in :func:`main`).
+    """
+
+    def __init__(self, server: TestServer, prefect: subprocess.Popen[bytes] | None) -> None:
+        self.pids = {"test_server": server.pid, "prefect_server": prefect and prefect.pid}
+
+    def cpu_s(self) -> dict[str, float | None]:
+        return {name: process_tree_cpu_s(pid) for name, pid in self.pids.items()}
+
+
+def _spent(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, float]:
+    return {
+        name: end - start
+        for name, end in after.items()
+        if end is not None and (start := before[name]) is not None
+    }
+
+
+def bare_run(
+    server: TestServer, items_path: Path, concurrency: int, neighbours: Neighbours
+) -> dict[str, Any]:
     """The bare client in a subprocess of its own (like the CLI); its request phase and CPU."""
     server.reset()
-    started, cpu = time.time(), children_cpu_s()
+    started, cpu, around = time.time(), children_cpu_s(), neighbours.cpu_s()
     subprocess.run(
         [sys.executable, __file__, "--bare", server.url, str(items_path), str(concurrency)],
         check=True,
@@ -97,18 +129,38 @@ def bare_run(server: TestServer, items_path: Path, concurrency: int) -> dict[str
     return {
         "wall_s": time.time() - started,
         "cpu_s": children_cpu_s() - cpu,
+        "neighbours_cpu_s": _spent(around, neighbours.cpu_s()),
         "request_phase_s": last - first,
         "requests": stats["requests"],
     }
 
 
 def cpu_of_run(
-    spec: Path, server: TestServer, env: dict[str, str], *extra_args: str
+    spec: Path, server: TestServer, env: dict[str, str], neighbours: Neighbours, *extra_args: str
 ) -> dict[str, Any]:
-    """:func:`timed_run` plus the CPU seconds the ``shardeval run`` process spent."""
-    cpu = children_cpu_s()
+    """:func:`timed_run` plus the CPU seconds the ``shardeval run`` process and its neighbours
+    spent."""
+    cpu, around = children_cpu_s(), neighbours.cpu_s()
     result = timed_run(spec, server, env, *extra_args)
-    return {**result, "cpu_s": children_cpu_s() - cpu}
+    return {
+        **result,
+        "cpu_s": children_cpu_s() - cpu,
+        "neighbours_cpu_s": _spent(around, neighbours.cpu_s()),
+    }
+
+
+def per_request_ms(run: dict[str, Any], fixed: dict[str, Any], items: int) -> dict[str, float]:
+    """CPU per request at the margin (the run's minus the one-item run's), by process."""
+    spent = {"client": run["cpu_s"] - fixed["cpu_s"]}
+    for name, seconds in run["neighbours_cpu_s"].items():
+        spent[name] = seconds - fixed["neighbours_cpu_s"].get(name, 0.0)
+    return {name: 1000 * seconds / items for name, seconds in spent.items()}
+
+
+def floor_ms(cpu_ms: dict[str, float], cores: int) -> float:
+    """The shortest time per request these CPU costs allow: one process's own CPU (the client
+    is bound by one GIL), or all of them spread over every core."""
+    return max(cpu_ms["client"], sum(cpu_ms.values()) / cores)
 
 
 def main() -> None:
@@ -138,6 +190,7 @@ def main() -> None:
     api = args.prefect_api
     if api is None:
         prefect_process, api = start_prefect_server(work / "prefect-home")
+    neighbours = Neighbours(server, prefect_process)
     print(
         f"{args.items} items, latency {args.latency * 1000:g} ms, batch size {args.batch_size}, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
@@ -156,12 +209,12 @@ def main() -> None:
             )
             one_env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api}
             one_env["PREFECT_HOME"] = str(one / "prefect-home")
-            bare_fixed = bare_run(server, one / "items.jsonl", concurrency)["cpu_s"]
-            ours_fixed = cpu_of_run(one_spec, server, one_env)["cpu_s"]
+            bare_fixed = bare_run(server, one / "items.jsonl", concurrency, neighbours)
+            ours_fixed = cpu_of_run(one_spec, server, one_env, neighbours)
             also_env = {**one_env, "PYTHONPATH": args.also or ""}
             also_fixed = 0.0
             if args.also:
-                also_fixed = cpu_of_run(one_spec, server, also_env, "--fresh")["cpu_s"]
+                also_fixed = cpu_of_run(one_spec, server, also_env, neighbours, "--fresh")["cpu_s"]
             ratios = []
             for repeat in range(args.repeats):
                 directory = work / f"c{concurrency}-{repeat}"
@@ -175,11 +228,13 @@ def main() -> None:
                 )
                 env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api}
                 env["PREFECT_HOME"] = str(directory / "prefect-home")
-                bare = bare_run(server, directory / "items.jsonl", concurrency)
-                ours = cpu_of_run(spec, server, env)
+                bare = bare_run(server, directory / "items.jsonl", concurrency, neighbours)
+                ours = cpu_of_run(spec, server, env, neighbours)
                 ratio = ours["request_phase_s"] / bare["request_phase_s"]
-                bare_cpu_ms = 1000 * (bare["cpu_s"] - bare_fixed) / args.items
-                ours_cpu_ms = 1000 * (ours["cpu_s"] - ours_fixed) / args.items
+                bare_ms = per_request_ms(bare, bare_fixed, args.items)
+                ours_ms = per_request_ms(ours, ours_fixed, args.items)
+                bare_cpu_ms, ours_cpu_ms = bare_ms["client"], ours_ms["client"]
+                cores = os.cpu_count() or 1
                 ratios.append(ratio)
                 other: dict[str, Any] = {}
                 if args.also:
@@ -204,6 +259,11 @@ def main() -> None:
                             "bare_cpu_ms_per_request": round(bare_cpu_ms, 3),
                             "shardeval_cpu_ms_per_request": round(ours_cpu_ms, 3),
                             "cpu_ratio": round(ours_cpu_ms / bare_cpu_ms, 2),
+                            "bare_run_cpu_ms_per_request": _rounded(bare_ms),
+                            "shardeval_run_cpu_ms_per_request": _rounded(ours_ms),
+                            "two_core_floor_ratio": round(
+                                floor_ms(ours_ms, cores) / floor_ms(bare_ms, cores), 2
+                            ),
                             "ideal_ratio": round(
                                 ours["request_phase_s"] / (args.items * args.latency / concurrency),
                                 2,

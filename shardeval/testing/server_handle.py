@@ -263,6 +263,11 @@ class TestServer:
         if self._process is not None:
             _terminate(self._process, timeout)
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id when it runs in a subprocess (benchmarks read its CPU)."""
+        return self._process.pid if self._process is not None else None
+
     def __enter__(self) -> TestServer:
         return self
 
