@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from shardeval import budget, endpoint_limits, engine_batch, interrupt
+from shardeval import budget, endpoint_limits, engine_batch, finality, interrupt
 from shardeval.answers import Answer, SharedAnswers, outcome_of
 from shardeval.breaker import Breaker
 from shardeval.errors import (
@@ -42,11 +42,13 @@ from shardeval.errors import (
 from shardeval.outcome import Outcome
 from shardeval.prefect_limit import PrefectLimit, loop_runner, prefect_limit_mode
 from shardeval.providers.base import Provider, ProviderRequest, create_provider
+from shardeval.providers.http import proxy_login_error
+from shardeval.providers.openai import OPENAI_BASE_URL
 from shardeval.retrying import Tries, first_retry_delay, retry_loop
 from shardeval.slots import PrioritySlots
 from shardeval.spec import ModelSpec
 
-AUTH_STATUSES = frozenset({401, 403})
+AUTH_STATUSES = frozenset(finality.AUTH_STATUSES)
 
 
 class Engine:
@@ -334,6 +336,8 @@ class Engine:
         from shardeval.preflight import auth_error
 
         status = exc.status or 401
+        if status == 407:
+            return proxy_login_error(self.model.base_url or OPENAI_BASE_URL, self.field)
         return auth_error(self.model, self.field, status, exc.message.split(": ", 1)[-1])
 
     @contextlib.asynccontextmanager

@@ -1,10 +1,10 @@
 """Which stored rows are final: the one rule the runner, the survey and the CLI share.
 
 A row is final (never sent again, unless ``--retry-failed``) when its status is ``ok`` or
-``error``, except an error that was an HTTP 401/403. Such a row says the key was missing or
-wrong, not that the item failed; this version never stores one (the run stops with exit 2
-instead), but earlier versions did, and after the key is set the same command must send
-those items again.
+``error``, except an error that was an HTTP 401/403 (or a proxy's 407). Such a row says the
+key (or the proxy's login) was missing or wrong, not that the item failed; this version never
+stores one (the run stops with exit 2 instead), but earlier versions did, and after the key
+is set the same command must send those items again.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-AUTH_STATUSES = (401, 403)
+AUTH_STATUSES = (401, 403, 407)
 AUTH_KINDS = tuple(f"http_{status}" for status in AUTH_STATUSES)
 FINAL_STATUSES = ("ok", "error")
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Any, Literal
 
 from shardeval.envvars import env_number
 from shardeval.errors import ShardevalError
+from shardeval.loopback import is_loopback
 from shardeval.processes import pid_alive
 from shardeval.server_files import (
     ServerFiles,
@@ -194,18 +196,48 @@ def use_prefect_api(
     telemetry_off()
     explicit = os.environ.get("PREFECT_API_URL") or _configured_api_url()
     if explicit:
+        _reach_directly(explicit)
         return PrefectApi(explicit, "explicit")
     if os.environ.get("SHARDEVAL_LOCAL_SERVER", "").strip() == "0":
         return PrefectApi(None, "ephemeral")
     files = ServerFiles(shardeval_home())
     url = ensure_local_server(home=files.home, waiting=waiting)
     os.environ["PREFECT_API_URL"] = url
+    _reach_directly(url)
     if "prefect.context" in sys.modules:
         from prefect.context import refresh_global_settings_context
 
         refresh_global_settings_context()
     _keep_alive(files)
     return PrefectApi(url, "local")
+
+
+def _reach_directly(api_url: str) -> None:
+    """Keep Prefect's client off a proxy the environment sets, for an API on this machine.
+
+    Prefect's client (httpx) honours ``HTTP_PROXY`` but not loopback: a shell that exports a
+    company proxy would send every call to ``127.0.0.1`` through it, and the run would wait
+    on a server the proxy cannot reach. ``NO_PROXY`` gets the API's host, in this process
+    and for its children (Dask workers), only when a proxy is set.
+    """
+    host = urllib.parse.urlsplit(api_url).hostname
+    proxied = any(os.environ.get(name) for name in _PROXY_VARIABLES)
+    if not proxied or host is None or not is_loopback(host):
+        return
+    for name in ("NO_PROXY", "no_proxy"):
+        hosts = [h.strip() for h in os.environ.get(name, "").split(",") if h.strip()]
+        if host not in hosts:
+            os.environ[name] = ",".join([*hosts, host])
+
+
+_PROXY_VARIABLES = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 
 
 def _configured_api_url() -> str | None:

@@ -20,6 +20,7 @@ Uses aiohttp (the provider's client) with short timeouts; imports no Prefect.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -27,13 +28,21 @@ from typing import Any
 
 import aiohttp
 
+from shardeval import finality
 from shardeval.errors import EndpointError
+from shardeval.providers.http import (
+    Proxy,
+    endpoint_session,
+    proxy_for,
+    proxy_label,
+    proxy_login_error,
+)
 from shardeval.spec import EvalSpec, ModelSpec
 
 CONNECT_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 20.0
 """A 1-token completion on a loaded server can take a while; a dead one fails at connect."""
-AUTH_STATUSES = frozenset({401, 403})
+AUTH_STATUSES = frozenset(finality.AUTH_STATUSES) - {407}  # 407: the proxy's, below
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,11 @@ class Endpoint:
         from shardeval.providers.openai import OPENAI_BASE_URL
 
         return (self.model.base_url or OPENAI_BASE_URL).rstrip("/")
+
+    @functools.cached_property
+    def proxy(self) -> Proxy | None:
+        """The proxy the environment sets for the endpoint, as the run will use it."""
+        return proxy_for(self.base_url)
 
 
 def endpoints(spec: EvalSpec) -> list[Endpoint]:
@@ -93,14 +107,10 @@ async def _check_all(checks: list[Endpoint]) -> None:
 async def check_endpoint(endpoint: Endpoint) -> None:
     """Check one endpoint (see the module docstring)."""
     model = endpoint.model
-    headers = {"Content-Type": "application/json"}
-    key = os.environ.get(model.api_key_env) if model.api_key_env else None
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
     timeout = aiohttp.ClientTimeout(
         total=min(ANSWER_TIMEOUT_S, model.timeout_s), sock_connect=CONNECT_TIMEOUT_S
     )
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+    async with endpoint_session(model, timeout=timeout, proxy=endpoint.proxy) as session:
         listed = await _listed_models(session, endpoint)
         if listed is not None and model.model in listed:
             return
@@ -160,8 +170,17 @@ async def _request(
 ) -> tuple[int, str]:
     url = endpoint.base_url + path
     try:
-        async with session.request(method, url, json=body) as response:
+        login = endpoint.proxy.request_headers if endpoint.proxy else None
+        async with session.request(method, url, json=body, proxy_headers=login) as response:
+            if response.status == 407:  # from the proxy (an http:// endpoint's request)
+                raise proxy_login_error(endpoint.base_url, endpoint.field)
             return response.status, await response.text()
+    except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel (https://)
+        if exc.status == 407:
+            raise proxy_login_error(endpoint.base_url, endpoint.field) from exc
+        raise _through_proxy_error(endpoint, f"the proxy answered HTTP {exc.status}") from exc
+    except aiohttp.ClientProxyConnectionError as exc:
+        raise _through_proxy_error(endpoint, _reason(exc)) from exc
     except TimeoutError as exc:
         raise EndpointError(
             f"{endpoint.field}.base_url: {url} did not answer within {session.timeout.total:g} s",
@@ -189,6 +208,17 @@ def unreachable_error(endpoint: Endpoint, reason: str) -> EndpointError:
         f"{endpoint.field}.base_url: cannot connect to {endpoint.base_url} ({reason})",
         hint=f"check {endpoint.field}.base_url: is the server running, and are the host "
         "and port right?",
+    )
+
+
+def _through_proxy_error(endpoint: Endpoint, reason: str) -> EndpointError:
+    """The proxy the environment sets for the endpoint failed, not the endpoint itself."""
+    via = proxy_label(endpoint.proxy.url) if endpoint.proxy else "the proxy"
+    return EndpointError(
+        f"{endpoint.field}.base_url: cannot reach {endpoint.base_url} through the proxy {via} "
+        f"({reason})",
+        hint="the proxy comes from HTTPS_PROXY / HTTP_PROXY: check it, or add the endpoint's "
+        "host to NO_PROXY",
     )
 
 

@@ -92,10 +92,14 @@ def remove_state_if(files: ServerFiles, supervisor_pid: int) -> None:
         files.state.unlink(missing_ok=True)
 
 
+# The local server listens on 127.0.0.1: a proxy the environment sets could not reach it.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def is_healthy(url: str, timeout: float = 2.0) -> bool:
     """``GET {url}/health`` answers 200 (the check Prefect's own client makes)."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+        with _DIRECT.open(f"{url}/health", timeout=timeout) as response:
             return bool(response.status == 200)
     except OSError:
         return False

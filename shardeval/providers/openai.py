@@ -26,6 +26,7 @@ from shardeval.errors import (
 )
 from shardeval.outcome import storable
 from shardeval.providers.base import Completion, ProviderRequest
+from shardeval.providers.http import endpoint_session, proxy_for
 from shardeval.spec import ModelSpec
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -40,14 +41,12 @@ class OpenAIProvider:
         self.check(model)
         self._model = model
         self._url = (model.base_url or OPENAI_BASE_URL).rstrip("/") + "/chat/completions"
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(model.api_key_env) if model.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        # The key lives only in this header dict, in this process: never logged or stored.
-        self._session = aiohttp.ClientSession(
-            headers=headers,
+        proxy = proxy_for(self._url)
+        self._proxy_headers = proxy.request_headers if proxy else None
+        self._session = endpoint_session(
+            model,
             timeout=aiohttp.ClientTimeout(total=model.timeout_s),
+            proxy=proxy,
             connector=aiohttp.TCPConnector(limit=model.concurrency, ttl_dns_cache=300),
         )
         self._body_base: dict[str, Any] = {**model.params, "model": model.model}
@@ -71,7 +70,9 @@ class OpenAIProvider:
         # a charset lookup) are a good part of the client's CPU per request.
         body = _encode({**self._body_base, "messages": request.messages})
         try:
-            async with self._session.post(self._url, data=body) as response:
+            async with self._session.post(
+                self._url, data=body, proxy_headers=self._proxy_headers
+            ) as response:
                 status = response.status
                 data = await response.read()
                 if status == 200:
@@ -80,6 +81,10 @@ class OpenAIProvider:
                 raise _http_error(status, text, response.headers.get("Retry-After"))
         except TimeoutError as exc:
             raise TransientProviderError(f"timed out after {self._model.timeout_s:g}s") from exc
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused an https:// tunnel
+            if exc.status == 407:  # its login: stops the run like a 401 (engine.AUTH_STATUSES)
+                raise PermanentProviderError("HTTP 407: proxy login", status=407) from exc
+            raise ConnectionFailedError(f"the proxy answered HTTP {exc.status}") from exc
         except aiohttp.ClientConnectionError as exc:
             # Refused, DNS, reset, disconnected: nothing answered (the circuit breaker counts
             # these; an HTTP error status is an answer).

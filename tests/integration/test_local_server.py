@@ -255,3 +255,21 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+@pytest.mark.slow
+def test_a_proxy_in_the_environment_does_not_come_between_a_run_and_its_local_server(
+    home: Path, tmp_path: Path
+) -> None:
+    # A shell that exports a company proxy (and no NO_PROXY): the health check and Prefect's
+    # client (httpx, which honours HTTP_PROXY) went through it, and the run waited 180 s for
+    # a server the proxy cannot reach.
+    from tests.conftest import free_port
+    from tests.helpers.specs import write_spec
+
+    spec = write_spec(tmp_path / "eval", n_items=6)
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxies = {"HTTP_PROXY": dead, "HTTPS_PROXY": dead, "NO_PROXY": "", "no_proxy": ""}
+    result = shardeval_cli(home, "run", str(spec), **proxies)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rows: 6 · ok 6" in result.stdout + result.stderr
