@@ -17,7 +17,7 @@ from yarl import URL
 
 from shardeval.testing.server import TestServer
 from tests.conftest import cli_env
-from tests.helpers.forward_proxy import ForwardProxy
+from tests.helpers.forward_proxy import ForwardProxy, TlsFront, TunnelProxy
 from tests.helpers.specs import write_spec
 
 pytestmark = pytest.mark.slow
@@ -104,3 +104,39 @@ def test_no_proxy_bypasses_it(tmp_path: Path, prefect_api: str, llm_server: Test
         assert result.returncode == 2, result.stderr
         assert "cannot resolve the host name 'model.internal'" in result.stderr
         assert proxy.requests == []
+
+
+def test_an_https_endpoint_is_reached_through_a_tunnel_that_keeps_the_login(
+    tmp_path: Path, prefect_api: str, llm_server: TestServer
+) -> None:
+    # The login goes on the CONNECT only: inside the tunnel the endpoint (OpenAI, say) must
+    # never see the proxy's password.
+    with (
+        TlsFront(llm_server.url, "model.internal", tmp_path) as front,
+        TunnelProxy(front.port, login=("alice", SECRET)) as proxy,
+    ):
+        base_url = f"https://model.internal:{front.port}/v1"
+        spec = write_spec(tmp_path / "eval", base_url=base_url, n_items=N_ITEMS)
+
+        def env(password: str) -> dict[str, str]:
+            address = URL(proxy.url).with_user("alice").with_password(password)
+            return cli_env(
+                prefect_api,
+                HTTPS_PROXY=str(address),
+                NO_PROXY="127.0.0.1,localhost",
+                SSL_CERT_FILE=str(front.ca_file),  # the test CA: the endpoint's TLS is verified
+            )
+
+        result = run(spec, env(SECRET))
+        assert result.returncode == 0, result.stderr
+        assert set(proxy.connects) == {f"CONNECT model.internal:{front.port}"}
+        assert set(proxy.logins) == {proxy.expected}
+        assert len(front.headers) == N_ITEMS + 1  # the preflight's listing, then the items
+        assert not [h for h in front.headers if "proxy-authorization" in map(str.lower, h)]
+        assert SECRET not in result.stdout + result.stderr
+
+        result = run(spec, env("wrong-password"), "--fresh")
+        assert result.returncode == 2, result.stderr
+        assert "rejected the login in its URL (HTTP 407)" in result.stderr
+        assert len(front.headers) == N_ITEMS + 1  # nothing more reached the endpoint
+    assert files_holding(tmp_path, SECRET) == []
