@@ -42,8 +42,6 @@ from shardeval.errors import (
 from shardeval.outcome import Outcome
 from shardeval.prefect_limit import PrefectLimit, loop_runner, prefect_limit_mode
 from shardeval.providers.base import Provider, ProviderRequest, create_provider
-from shardeval.providers.http import proxy_login_error
-from shardeval.providers.openai import OPENAI_BASE_URL
 from shardeval.retrying import Tries, first_retry_delay, retry_loop
 from shardeval.slots import PrioritySlots
 from shardeval.spec import ModelSpec
@@ -333,11 +331,13 @@ class Engine:
         )
 
     def _auth_error(self, exc: ProviderError) -> ShardevalError:
-        from shardeval.preflight import auth_error
+        # Imported here: aiohttp is not needed by a run whose model is a python function.
+        from shardeval.preflight import Endpoint, auth_error
+        from shardeval.providers.http import proxy_login_error
 
         status = exc.status or 401
         if status == 407:
-            return proxy_login_error(self.model.base_url or OPENAI_BASE_URL, self.field)
+            return proxy_login_error(Endpoint(self.model, self.field).base_url, self.field)
         return auth_error(self.model, self.field, status, exc.message.split(": ", 1)[-1])
 
     @contextlib.asynccontextmanager

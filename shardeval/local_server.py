@@ -212,6 +212,17 @@ def use_prefect_api(
     return PrefectApi(url, "local")
 
 
+_PROXY_VARIABLES = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+)
+"""What makes Prefect's client (httpx) use a proxy."""
+
+
 def _reach_directly(api_url: str) -> None:
     """Keep Prefect's client off a proxy the environment sets, for an API on this machine.
 
@@ -228,16 +239,6 @@ def _reach_directly(api_url: str) -> None:
         hosts = [h.strip() for h in os.environ.get(name, "").split(",") if h.strip()]
         if host not in hosts:
             os.environ[name] = ",".join([*hosts, host])
-
-
-_PROXY_VARIABLES = (
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-)
 
 
 def _configured_api_url() -> str | None:
