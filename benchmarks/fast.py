@@ -4,7 +4,9 @@ The test server answers in 1 ms, so the client's CPU per request sets the pace. 
 concurrency (64 and 256 by default) and each repeat, it runs, interleaved, in one process each:
 
 * a bare aiohttp loop (one session, a semaphore, the same bodies shardeval sends), and
-* ``shardeval run`` (20,000 items, batch 500) against a standing Prefect server,
+* ``shardeval run`` (20,000 items, batch 500) against a standing Prefect server (one the
+  script starts, with the settings shardeval's local server runs with unless
+  ``--prefect-settings defaults``; or ``--prefect-api URL``),
 
 and times both request phases from the server's own timestamps (first request to last
 answer, :mod:`shardeval.testing.server_stats`). It prints one JSON line per run and one
@@ -25,6 +27,7 @@ ratio at its floor can only improve by spending less CPU, not by scheduling it b
 
     python benchmarks/fast.py [--items 20000] [--latency 0.001] [--concurrency 64,256]
                               [--batch-size 500] [--repeats 2] [--prefect-api URL]
+                              [--prefect-settings shardeval|defaults]
                               [--also CHECKOUT]
 
 ``--also CHECKOUT`` runs ``shardeval`` from another checkout too (``PYTHONPATH=CHECKOUT``),
@@ -51,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import process_tree_cpu_s, timed_run  # noqa: E402
+from shardeval.local_server import server_settings  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
@@ -172,6 +176,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL"))
     parser.add_argument(
+        "--prefect-settings",
+        choices=("shardeval", "defaults"),
+        default="shardeval",
+        help="the standing Prefect server the script starts (without --prefect-api): with the "
+        "settings shardeval's local server runs with (task runs recorded in batches), or "
+        "with Prefect's defaults",
+    )
+    parser.add_argument(
         "--also",
         metavar="CHECKOUT",
         help="also run shardeval from this checkout (e.g. a worktree of the previous version), "
@@ -189,11 +201,15 @@ def main() -> None:
     prefect_process = None
     api = args.prefect_api
     if api is None:
-        prefect_process, api = start_prefect_server(work / "prefect-home")
+        settings: dict[str, str] = {}
+        if args.prefect_settings == "shardeval":
+            server_settings(settings)
+        prefect_process, api = start_prefect_server(work / "prefect-home", settings)
     neighbours = Neighbours(server, prefect_process)
     print(
         f"{args.items} items, latency {args.latency * 1000:g} ms, batch size {args.batch_size}, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, Prefect server: "
+        + (args.prefect_api or f"started here, {args.prefect_settings} settings")
     )
     try:
         for concurrency in (int(c) for c in args.concurrency.split(",")):

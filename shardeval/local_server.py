@@ -60,6 +60,7 @@ __all__ = [
     "is_healthy",
     "pid_alive",
     "read_state",
+    "server_settings",
     "shardeval_home",
     "stop_local_server",
     "telemetry_off",
@@ -78,6 +79,29 @@ _TELEMETRY_OFF = {
     # Prefect's SDK analytics, checked when prefect is imported and at every event it emits.
     "DO_NOT_TRACK": "1",
 }
+
+
+_RECORDER_BATCHING = {
+    # Prefect's server records each task-run event in a transaction of its own by default (a
+    # batch of one). A run's batch tasks then keep the server busy through the request phase,
+    # competing with the run for a small machine's cores (docs/performance.md, sixth round).
+    # Batched, task runs reach the UI at most FLUSH_INTERVAL seconds later; flow runs, events
+    # and automations are not delayed.
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "2",
+}
+
+
+def server_settings(env: dict[str, str] | None = None) -> None:
+    """The settings of a Prefect server shardeval starts, in ``env`` (default: this process).
+
+    Unless set explicitly: telemetry off (:func:`telemetry_off`), and task-run states recorded
+    in batches instead of one transaction per event.
+    """
+    target: Any = os.environ if env is None else env
+    telemetry_off(target)
+    for name, value in _RECORDER_BATCHING.items():
+        target.setdefault(name, value)
 
 
 class LocalServerError(ShardevalError):
@@ -199,6 +223,7 @@ def use_prefect_api(
         _reach_directly(explicit)
         return PrefectApi(explicit, "explicit")
     if os.environ.get("SHARDEVAL_LOCAL_SERVER", "").strip() == "0":
+        server_settings()  # Prefect's temporary server is a child of this process
         return PrefectApi(None, "ephemeral")
     files = ServerFiles(shardeval_home())
     url = ensure_local_server(home=files.home, waiting=waiting)
@@ -318,6 +343,7 @@ def _start(files: ServerFiles) -> ServerState:
     env["PREFECT_HOME"] = str(files.prefect_home)
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["DO_NOT_TRACK"] = "1"
+    server_settings(env)
     env["PREFECT_SERVER_LOGGING_LEVEL"] = env.get("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     port = _free_port()
     touch(files)

@@ -13,14 +13,20 @@ from pathlib import Path
 HEALTH_BUDGET_S = 180.0  # 28-60 s is usual on 2 loaded cores
 
 
-def start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a server with its own ``PREFECT_HOME``; return it and its API URL once healthy."""
+def start_prefect_server(
+    home: Path, settings: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a server with its own ``PREFECT_HOME``; return it and its API URL once healthy.
+
+    ``settings`` are extra environment variables for the server (Prefect's defaults otherwise).
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    env.update(settings or {})
     with open(home / "server.log", "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",

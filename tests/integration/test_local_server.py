@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from shardeval.local_server import (
     is_healthy,
     pid_alive,
     read_state,
+    server_settings,
     stop_local_server,
 )
 from tests.conftest import ROOT, cli_env
@@ -71,6 +73,15 @@ def test_idle_time_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
             idle_seconds()
 
 
+def test_the_servers_settings_leave_what_the_user_set() -> None:
+    env = {"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "7", "DO_NOT_TRACK": "0"}
+    server_settings(env)
+    assert env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == "7"
+    assert env["DO_NOT_TRACK"] == "0"
+    assert env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"] == "2"
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+
 def test_an_unreadable_state_file_means_no_server(tmp_path: Path) -> None:
     files = ServerFiles(tmp_path)
     assert read_state(files) is None
@@ -98,6 +109,11 @@ def test_start_reuse_status_stop(home: Path) -> None:
         assert os.getsid(pid) != os.getsid(0), "the server must not share this session"
         assert os.getpgid(pid) != os.getpgid(0), "nor this process group"
     assert (home / "prefect").is_dir(), "the server has a PREFECT_HOME of its own"
+    with urllib.request.urlopen(url + "/admin/settings", timeout=10) as response:
+        recorder = json.load(response)["server"]["services"]["task_run_recorder"]
+    assert (recorder["batch_size"], recorder["flush_interval"]) == (100, 2), (
+        "the server records task-run states in batches"
+    )
 
     started = time.monotonic()
     assert ensure_local_server(home=home) == url
