@@ -61,13 +61,23 @@ class Breaker:
         """Seconds since the endpoint last answered (or first failed to, if it never did)."""
         return 0.0 if self.last_answer is None else time.monotonic() - self.last_answer
 
-    def unreachable(self, model: ModelSpec, field: str, exc: ProviderError) -> EndpointUnreachable:
-        """The error that stops the run once the breaker opened (``field``: where ``model`` is)."""
+    def unreachable(
+        self, model: ModelSpec, field: str, exc: ProviderError, *, proxy: str | None = None
+    ) -> EndpointUnreachable:
+        """The error that stops the run once the breaker opened.
+
+        ``field`` is where ``model`` is in the spec; ``proxy`` the proxy the requests went
+        through, if any: a proxy that went away fails every connection the same way as the
+        endpoint, and the user has to know which of the two to look at.
+        """
         base_url = model.base_url or "https://api.openai.com/v1"
+        through = f" through the proxy {proxy}" if proxy else ""
+        check = f"the proxy {proxy} (from the environment) and " if proxy else ""
+        verb = "are" if proxy else "is"
         return EndpointUnreachable(
-            f"the endpoint at {base_url} is unreachable: {self.in_a_row} requests in "
-            f"a row failed to connect over {self.silent_for():.0f} s (last: "
+            f"the endpoint at {base_url} is unreachable{through}: {self.in_a_row} requests "
+            f"in a row failed to connect over {self.silent_for():.0f} s (last: "
             f"{exc.message}); stopped sending, finished items are saved",
-            hint=f"check that the server at {field}.base_url is up, then run the same "
-            "command again to send only what is missing",
+            hint=f"check that {check}the server at {field}.base_url {verb} up, then run the "
+            "same command again to send only what is missing",
         )

@@ -256,7 +256,8 @@ class Engine:
             completion = await self._provider.complete(request)
         except ConnectionFailedError as exc:
             if self._breaker.connection_failed():
-                self.stop_run(self._breaker.unreachable(self.model, self.field, exc))
+                proxy = getattr(self._provider, "proxy_label", None)
+                self.stop_run(self._breaker.unreachable(self.model, self.field, exc, proxy=proxy))
             raise
         except TransientProviderError as exc:
             self._breaker.answered()

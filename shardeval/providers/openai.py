@@ -26,7 +26,7 @@ from shardeval.errors import (
 )
 from shardeval.outcome import storable
 from shardeval.providers.base import Completion, ProviderRequest
-from shardeval.providers.http import endpoint_session, proxy_for
+from shardeval.providers.http import endpoint_session, proxy_for, proxy_label
 from shardeval.spec import ModelSpec
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -43,6 +43,8 @@ class OpenAIProvider:
         self._url = (model.base_url or OPENAI_BASE_URL).rstrip("/") + "/chat/completions"
         proxy = proxy_for(self._url)
         self._proxy_headers = proxy.request_headers if proxy else None
+        self.proxy_label = proxy_label(proxy.url) if proxy else None
+        """The proxy between here and the endpoint, as messages may show it (no login)."""
         self._session = endpoint_session(
             model,
             timeout=aiohttp.ClientTimeout(total=model.timeout_s),

@@ -19,6 +19,7 @@ from shardeval.testing.server import TestServer
 from tests.conftest import cli_env
 from tests.helpers.forward_proxy import ForwardProxy, TlsFront, TunnelProxy
 from tests.helpers.specs import write_spec
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 SECRET = "pr0xy-s3cret"
@@ -140,3 +141,54 @@ def test_an_https_endpoint_is_reached_through_a_tunnel_that_keeps_the_login(
         assert "rejected the login in its URL (HTTP 407)" in result.stderr
         assert len(front.headers) == N_ITEMS + 1  # nothing more reached the endpoint
     assert files_holding(tmp_path, SECRET) == []
+
+
+def test_a_proxy_that_goes_away_mid_run_is_named_and_the_rerun_sends_only_the_rest(
+    tmp_path: Path, prefect_api: str, llm_server: TestServer
+) -> None:
+    n_items = 240
+    llm_server.configure(latency_min=0.05, latency_max=0.05)
+    spec = write_spec(
+        tmp_path,
+        base_url=internal_url(llm_server),
+        n_items=n_items,
+        batch_size=20,
+        model={"concurrency": 4, "unreachable_after_s": 2},
+    )
+    with ForwardProxy(llm_server.url) as proxy:
+        env = cli_env(prefect_api, HTTP_PROXY=proxy.url, NO_PROXY="127.0.0.1,localhost")
+        command = [sys.executable, "-m", "shardeval", "run", str(spec), "-q"]
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(
+                lambda: llm_server.stats()["completions"] >= 40,
+                timeout=240,
+                what="40 answers through the proxy",
+                process=process,
+            )
+        except BaseException:
+            process.kill()
+            raise
+    # The proxy is gone: every connection to it is refused from here on.
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()  # a no-op once it has exited
+    stderr = " ".join(stderr.split())
+    assert process.returncode == 1, stderr
+    assert (
+        f"the endpoint at {internal_url(llm_server)} is unreachable through the proxy "
+        f"{proxy.url}:" in stderr
+    ), stderr
+    assert f"check that the proxy {proxy.url} (from the environment) and the server" in stderr
+    first = llm_server.stats()["completions"]
+    assert first < n_items
+
+    with ForwardProxy(llm_server.url) as again:
+        env = cli_env(prefect_api, HTTP_PROXY=again.url, NO_PROXY="127.0.0.1,localhost")
+        result = run(spec, env)
+    assert result.returncode == 0, result.stderr
+    assert f"rows: {n_items} · ok {n_items}" in result.stdout + result.stderr
+    # Only the rows not stored yet went out again: at most the 4 in flight when the proxy
+    # went away had reached the server without their answers getting back.
+    assert n_items <= llm_server.stats()["completions"] <= n_items + 4
