@@ -3,9 +3,9 @@
 The 2,000-item eval (100 ms answers, concurrency 64, batches of 100; ideal N x latency /
 concurrency = 3.125 s) end to end, with no ``PREFECT_API_URL`` (the default: shardeval's local
 Prefect server, already started by an earlier run, as on any machine that has run shardeval
-before) and against a standing ``prefect server`` given by ``PREFECT_API_URL``, interleaved
-round by round in this one run; optionally Prefect's ephemeral mode (``SHARDEVAL_LOCAL_SERVER=0``,
-what the default was before). Prints per mode the median of ``--rounds`` runs of the whole
+before) and against a standing ``prefect server`` given by ``PREFECT_API_URL`` (started here
+with the local server's settings), interleaved round by round in this one run; optionally
+Prefect's ephemeral mode (``SHARDEVAL_LOCAL_SERVER=0``, what the default was before). Prints per mode the median of ``--rounds`` runs of the whole
 command and of the time to the first model request (from the test server's own timestamps),
 and the ratios the targets are about: default mode / standing server (target <= 1.25) and
 default mode / ideal (target <= 2.5). The very first run, which starts the local server, is
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import add_eval_arguments, timed_run  # noqa: E402
-from shardeval.local_server import stop_local_server  # noqa: E402
+from shardeval.local_server import server_settings, stop_local_server  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
@@ -46,7 +46,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="shardeval-startup-"))
     home = work / "shardeval-home"
     server = TestServer.start_subprocess(ServerConfig(latency_min=args.latency, wrong_every=10))
-    prefect_process, api = start_prefect_server(work / "standing-prefect-home")
+    settings: dict[str, str] = {}
+    server_settings(settings)  # as the local server runs: the modes differ in start-up only
+    prefect_process, api = start_prefect_server(work / "standing-prefect-home", settings)
     base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     base.update(PYTHONPATH=str(ROOT), SHARDEVAL_HOME=str(home))
     modes: dict[str, dict[str, str]] = {
