@@ -5,11 +5,11 @@ concurrency = 3.125 s) end to end, with no ``PREFECT_API_URL`` (the default: sha
 Prefect server, already started by an earlier run, as on any machine that has run shardeval
 before) and against a standing ``prefect server`` given by ``PREFECT_API_URL`` (started here
 with the local server's settings), interleaved round by round in this one run; optionally
-Prefect's ephemeral mode (``SHARDEVAL_LOCAL_SERVER=0``, what the default was before). Prints per mode the median of ``--rounds`` runs of the whole
-command and of the time to the first model request (from the test server's own timestamps),
-and the ratios the targets are about: default mode / standing server (target <= 1.25) and
-default mode / ideal (target <= 2.5). The very first run, which starts the local server, is
-timed too, and reported apart.
+Prefect's ephemeral mode (``SHARDEVAL_LOCAL_SERVER=0``, what the default was before). Prints
+per mode the median of ``--rounds`` runs of the whole command and of the time to the first
+model request (from the test server's own timestamps), and the ratios the targets are about:
+default mode / standing server (target <= 1.25) and default mode / ideal (target <= 2.5).
+The very first run, which starts the local server, is timed too, and reported apart.
 
     python benchmarks/startup.py [--rounds 3] [--no-ephemeral] [--items 2000] [--latency 0.1]
 """
