@@ -54,7 +54,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import process_tree_cpu_s, timed_run  # noqa: E402
-from shardeval.local_server import server_settings  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
@@ -201,10 +200,9 @@ def main() -> None:
     prefect_process = None
     api = args.prefect_api
     if api is None:
-        settings: dict[str, str] = {}
-        if args.prefect_settings == "shardeval":
-            server_settings(settings)
-        prefect_process, api = start_prefect_server(work / "prefect-home", settings)
+        prefect_process, api = start_prefect_server(
+            work / "prefect-home", shardeval_settings=args.prefect_settings == "shardeval"
+        )
     neighbours = Neighbours(server, prefect_process)
     print(
         f"{args.items} items, latency {args.latency * 1000:g} ms, batch size {args.batch_size}, "

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import add_eval_arguments, timed_run  # noqa: E402
-from shardeval.local_server import server_settings, stop_local_server  # noqa: E402
+from shardeval.local_server import stop_local_server  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
@@ -46,9 +46,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="shardeval-startup-"))
     home = work / "shardeval-home"
     server = TestServer.start_subprocess(ServerConfig(latency_min=args.latency, wrong_every=10))
-    settings: dict[str, str] = {}
-    server_settings(settings)  # as the local server runs: the modes differ in start-up only
-    prefect_process, api = start_prefect_server(work / "standing-prefect-home", settings)
+    # The standing server runs as the local server does: the modes differ in start-up only.
+    prefect_process, api = start_prefect_server(
+        work / "standing-prefect-home", shardeval_settings=True
+    )
     base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     base.update(PYTHONPATH=str(ROOT), SHARDEVAL_HOME=str(home))
     modes: dict[str, dict[str, str]] = {

@@ -10,15 +10,18 @@ import time
 import urllib.request
 from pathlib import Path
 
+from shardeval.local_server import server_settings
+
 HEALTH_BUDGET_S = 180.0  # 28-60 s is usual on 2 loaded cores
 
 
 def start_prefect_server(
-    home: Path, settings: dict[str, str] | None = None
+    home: Path, *, shardeval_settings: bool = False
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start a server with its own ``PREFECT_HOME``; return it and its API URL once healthy.
 
-    ``settings`` are extra environment variables for the server (Prefect's defaults otherwise).
+    With ``shardeval_settings`` it runs as shardeval's local server does
+    (:func:`shardeval.local_server.server_settings`); Prefect's defaults otherwise.
     """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -26,7 +29,8 @@ def start_prefect_server(
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    env.update(settings or {})
+    if shardeval_settings:
+        server_settings(env)
     with open(home / "server.log", "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
