@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import compile_sources  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
 
 TARGET_S = 0.6
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
+    compile_sources()
     work = Path(tempfile.mkdtemp(prefix="shardeval-cached-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SHARDEVAL_HOME": str(work / "home")}
     spec = write_spec(work, items=arith_items(args.items, seed=7), name="cached", batch_size=100)

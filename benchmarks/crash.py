@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import compile_sources  # noqa: E402
 from shardeval.journal import is_journal, read_journal, with_journals  # noqa: E402
 from shardeval.session import RunSession  # noqa: E402
 from shardeval.storage import RunStore  # noqa: E402
@@ -109,6 +110,7 @@ def main() -> int:
     parser.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL"))
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
+    compile_sources()
 
     work = Path(tempfile.mkdtemp(prefix="shardeval-crash-bench-"))
     try:

@@ -55,7 +55,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import process_tree_cpu_s, timed_run  # noqa: E402
+from benchmarks.common import compile_sources, process_tree_cpu_s, timed_run  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
@@ -203,6 +203,7 @@ def main() -> None:
     )
     parser.add_argument("--bare", nargs=3, metavar=("URL", "ITEMS", "C"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    compile_sources()
     if args.bare:
         url, items, concurrency = args.bare
         asyncio.run(_bare(url, Path(items), int(concurrency)))

@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_eval_arguments, timed_run  # noqa: E402
+from benchmarks.common import add_eval_arguments, compile_sources, timed_run  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
@@ -61,6 +61,7 @@ def main() -> None:
     )
     parser.add_argument("--prefect-api", help="use this running Prefect server")
     args = parser.parse_args()
+    compile_sources()
 
     work = Path(tempfile.mkdtemp(prefix="shardeval-bench-s3-"))
     server = TestServer.start_subprocess(ServerConfig(latency_min=args.latency, wrong_every=10))

@@ -45,6 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import compile_sources  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
 from tests.helpers.specs import arith_items, write_spec  # noqa: E402
 
@@ -231,6 +232,7 @@ def main() -> None:
         "--no-lock-variant", action="store_true", help="skip the run without the lock manager"
     )
     args = parser.parse_args()
+    compile_sources()
     sizes = [int(s) for s in args.sizes.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="shardeval-scale-"))

@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_eval_arguments, timed_run  # noqa: E402
+from benchmarks.common import add_eval_arguments, compile_sources, timed_run  # noqa: E402
 from shardeval.local_server import stop_local_server  # noqa: E402
 from shardeval.testing.server import ServerConfig, TestServer  # noqa: E402
 from tests.helpers.prefect_server import start_prefect_server, stop_prefect_server  # noqa: E402
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-ephemeral", action="store_true", help="skip Prefect's own mode")
     args = parser.parse_args()
+    compile_sources()
 
     ideal = args.items * args.latency / args.concurrency
     work = Path(tempfile.mkdtemp(prefix="shardeval-startup-"))
