@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shardeval.catalog import DEFAULT_OUTPUT, open_store
-from shardeval.errors import RunIncomplete
+from shardeval.errors import RunIncomplete, ShardevalError
 from shardeval.storage import RunStore
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ def run(
     Raises the same errors the CLI maps to exit codes (``SpecError`` for bad input,
     ``RunIncomplete`` when batches could not finish, ``RunInterrupted`` on a stop).
     """
+    from shardeval.run_id import advise_resume_by_id
     from shardeval.session import RunSession
     from shardeval.taskrunners import check_task_runner
 
@@ -113,7 +114,12 @@ def run(
         batch_size=batch_size,
         concurrency=concurrency,
     )
-    return _evaluate(session, wait=wait, task_runner=runner_kind, dask_address=dask_address)
+    try:
+        return _evaluate(session, wait=wait, task_runner=runner_kind, dask_address=dask_address)
+    except ShardevalError as error:
+        if fresh:  # the same call would start another run: name the one to resume
+            advise_resume_by_id(error, session.run_id, python=True)
+        raise
 
 
 def resume(

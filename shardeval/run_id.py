@@ -8,17 +8,20 @@ when a command starts a new run where a resume may have been expected.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 from shardeval.catalog import list_run_ids
-from shardeval.errors import SpecError
+from shardeval.errors import ShardevalError, SpecError
 from shardeval.hashing import default_run_id, identity_changes, legacy_run_id, run_id_inputs
 from shardeval.spec import EvalSpec
 from shardeval.storage import RunStore
 
 MAX_COMPARED_RUNS = 20
 """How many runs of the same eval are read to say why a new run id was derived."""
+_SAME_COMMAND = re.compile(r"\b(?:re)?run the same command(?: again)?")
+"""The advice every resumable error gives (``interrupt.RESUME_HINT`` and its variants)."""
 
 
 def choose_run_id(
@@ -84,3 +87,22 @@ def _identity_of_record(record: dict[str, Any]) -> dict[str, Any] | None:
         return None
     recorded._source = record.get("spec_source")
     return run_id_inputs(recorded)
+
+
+def advise_resume_by_id(error: ShardevalError, run_id: str, *, python: bool = False) -> None:
+    """Point ``error``'s "run the same command" advice at the run ``--fresh`` started.
+
+    That run's id has a timestamp that the same command never derives again: typed again,
+    ``--fresh`` would start yet another run and pay for every finished request once more.
+    The run holding them is reached by its id, with the command's other options unchanged.
+    ``python``: the advice is for ``shardeval.run(..., fresh=True)``.
+    """
+    by_id = (
+        f"call it again with run_id={run_id!r} in place of fresh=True"
+        if python
+        else f"run the same command with `--run-id {run_id}` in place of `--fresh`"
+    )
+    error.message = _SAME_COMMAND.sub(by_id, error.message)
+    if error.hint:
+        error.hint = _SAME_COMMAND.sub(by_id, error.hint)
+    error.args = (error.message, *error.args[1:])

@@ -27,7 +27,7 @@ from shardeval.commands.options import (
     spec_source,
 )
 from shardeval.display import err_console, out_console
-from shardeval.errors import SpecError
+from shardeval.errors import ShardevalError, SpecError
 
 
 def register(app: typer.Typer) -> None:
@@ -130,6 +130,7 @@ def run(
             fail_on_regression=fail_on_regression,
         )
     from shardeval.run_console import configure_logging, evaluate_session
+    from shardeval.run_id import advise_resume_by_id
     from shardeval.session import RunSession
 
     configure_logging(verbose)
@@ -155,18 +156,23 @@ def run(
     )
     if session.new_run_reason:
         err_console.print(f"[yellow]{escape(session.new_run_reason)}[/]")
-    evaluate_session(
-        session,
-        started=started,
-        quiet=quiet,
-        verbose=verbose,
-        wait=wait,
-        task_runner=runner_kind,
-        dask_address=dask_address,
-        no_preflight=no_preflight,
-        baseline=baseline,
-        fail_on_regression=fail_on_regression,
-    )
+    try:
+        evaluate_session(
+            session,
+            started=started,
+            quiet=quiet,
+            verbose=verbose,
+            wait=wait,
+            task_runner=runner_kind,
+            dask_address=dask_address,
+            no_preflight=no_preflight,
+            baseline=baseline,
+            fail_on_regression=fail_on_regression,
+        )
+    except ShardevalError as error:
+        if fresh:  # the same command would start another run: name the one to resume
+            advise_resume_by_id(error, session.run_id)
+        raise
     if key is not None:
         from shardeval.answer_record import remember_answer
 

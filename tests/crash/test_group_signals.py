@@ -100,3 +100,30 @@ def test_group_signal_with_dask_workers(
         "dask",
         env={"SHARDEVAL_DASK_WORKERS": "2"},
     )
+
+
+def test_a_fresh_run_stopped_by_ctrl_c_names_the_run_to_resume(
+    tmp_path: Path, prefect_api: str, slow_server: TestServer
+) -> None:
+    """``--fresh`` gives the run an id the same command never derives again: typed again it
+    would start another run and pay for every finished request once more. The message names
+    ``--run-id``, and that command resumes the stopped run, re-sending only what was in flight.
+    """
+    spec = crash_spec(tmp_path / "eval", slow_server, n_items=N_ITEMS, grace_period_s=GRACE_S)
+    logs = tmp_path / "logs"
+    process = start_run(spec, prefect_api, logs, "--fresh", new_session=True)
+    assert wait_for_answers(slow_server, process, 200, timeout=300), output_of(logs)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=120) == 130, output_of(logs)
+    runs = tmp_path / "eval" / "runs" / "runs"
+    (run_dir,) = runs.iterdir()
+    said = output_of(logs)
+    advice = f"run the same command with `--run-id {run_dir.name}` in place of `--fresh`"
+    assert f"of {N_ITEMS:,} done; {advice} to resume" in said, said
+
+    rerun = start_run(spec, prefect_api, logs, "--run-id", run_dir.name)
+    assert rerun.wait(timeout=300) == 0, output_of(logs)
+    assert [path.name for path in runs.iterdir()] == [run_dir.name], "a second run was started"
+    assert answered_twice(slow_server) <= CONCURRENCY, "more than the requests in flight re-sent"
+    assert len(slow_server.stats()["prompt_completions"]) == N_ITEMS
+    assert pq.read_table(run_dir / "results.parquet").num_rows == N_ITEMS

@@ -9,6 +9,7 @@ it resumes) must start clean and complete, sending only what the first did not s
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +71,36 @@ def test_second_run_in_the_same_process_starts_clean(
     assert len(slow_server.stats()["prompt_completions"]) == N_ITEMS
     assert answered_twice(slow_server) <= CONCURRENCY
     assert not (tmp_path / "out" / "runs" / run_id / "lock.json").exists()
+
+
+def test_a_fresh_run_stopped_in_python_names_the_run_id_to_resume(
+    tmp_path: Path, prefect_api: str, slow_server: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fresh=True`` again would start another run: the error names the ``run_id`` to pass."""
+    import shardeval
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    spec = crash_spec(tmp_path / "eval", slow_server, n_items=N_ITEMS)
+    output = str(tmp_path / "out")
+
+    def stop_once_busy() -> None:
+        deadline = time.monotonic() + 120
+        while slow_server.stats()["completions"] < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        interrupt.stop_active("interrupted", "stopped from the notebook", grace_period_s=5)
+
+    watcher = threading.Thread(target=stop_once_busy, daemon=True)
+    watcher.start()
+    with pytest.raises(RunInterrupted) as raised:
+        shardeval.run(str(spec), output=output, fresh=True)
+    watcher.join(timeout=10)
+    (run_dir,) = (tmp_path / "out" / "runs").iterdir()
+    advice = f"call it again with run_id='{run_dir.name}' in place of fresh=True to resume"
+    assert advice in str(raised.value)
+
+    run = shardeval.run(str(spec), output=output, run_id=run_dir.name)
+    assert run.id == run_dir.name and len(run.results()) == N_ITEMS
+    assert answered_twice(slow_server) <= CONCURRENCY
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)  # the flow runs' logs, while the server is still up
