@@ -2,8 +2,9 @@
 
 The id itself is a hash of the run's identity (:func:`shardeval.hashing.run_id_inputs`); this
 module adds what needs the output's contents: resuming a run stored under the id an older
-shardeval derived, and telling the user which input differs from the closest existing run
-when a command starts a new run where a resume may have been expected.
+shardeval derived, telling the user which input differs from the closest existing run
+when a command starts a new run where a resume may have been expected, and naming the run to
+resume after a ``--fresh`` run stopped (the same command would not reach it again).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,16 @@ from tests.conftest import ROOT, cli_env
 from tests.helpers.specs import write_spec
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def send_logs_while_the_server_is_up() -> Iterator[None]:
+    """Flows run in this process leave their logs with Prefect's API log worker: send them
+    after each test, while the session's server still answers (at exit it would not)."""
+    yield
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
 
 
 def test_running_the_same_cell_twice_pays_once(
