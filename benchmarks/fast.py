@@ -203,11 +203,11 @@ def main() -> None:
     )
     parser.add_argument("--bare", nargs=3, metavar=("URL", "ITEMS", "C"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    compile_sources()
     if args.bare:
         url, items, concurrency = args.bare
         asyncio.run(_bare(url, Path(items), int(concurrency)))
         return
+    compile_sources()
 
     work = Path(tempfile.mkdtemp(prefix="shardeval-fast-"))
     server = TestServer.start_subprocess(ServerConfig(latency_min=args.latency))
